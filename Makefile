@@ -1,0 +1,23 @@
+VENV := .venv
+PY := $(VENV)/bin/python
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test test-unit test-integration bench-classifiers bench-embedders bench-serving clean
+
+setup:
+	@./scripts/setup.sh
+
+demo: setup
+	$(PY) -m serving.cli demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+test-integration: setup
+	$(PY) -m pytest -q tests/integration
+
+clean:
+	rm -rf runs .pytest_cache

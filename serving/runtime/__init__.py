@@ -1,0 +1,1 @@
+"""Engine-agnostic serving runtime. Imports neither TorchServe nor ``training``."""

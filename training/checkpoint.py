@@ -1,0 +1,54 @@
+"""Checkpoint format shared by training, evaluation and export.
+
+A checkpoint is a ``torch.save`` dict:
+  model:      state_dict of the module
+  spec:       ModelSpec as a dict (serving.runtime.spec.ModelSpec)
+  arch_options: keyword options the model builder was called with
+  config:     the resolved TrainConfig as a dict
+  epoch:      epochs completed
+  optimizer, scheduler, method_state, rng: present in ``last.pt`` for resuming
+  metrics:    latest evaluation figures (dict)
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from serving.runtime.spec import ModelSpec
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (train one with `robustserve train`)")
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
+    """Rebuild the module from a checkpoint. Returns (model in eval mode, ModelSpec, checkpoint dict)."""
+    from training.models import build_model
+
+    ckpt = load_checkpoint(path, map_location)
+    spec = ModelSpec.model_validate(ckpt["spec"])
+    model, _ = build_model(spec.arch, **ckpt.get("arch_options", {}))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, spec, ckpt

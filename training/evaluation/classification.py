@@ -1,0 +1,207 @@
+"""Classifier robustness under an attack suite, worst case per point (AutoAttack's cascade).
+
+For each eps, attack i runs only on the points that survived attacks 0..i-1, so the figure after the last
+attack is the worst case per point; each attack's column is the cumulative robust accuracy after it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from serving.runtime.spec import ThreatModel
+from training.config import AttackSpec
+
+log = logging.getLogger(__name__)
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion k / n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    out = []
+    for s in range(0, len(x), batch_size):
+        out.append(model(x[s:s + batch_size]).argmax(1))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=x.device)
+
+
+def make_attack(spec: AttackSpec, model: nn.Module, eps: float, seed: int):
+    from training.attacks import build_attack
+
+    threat = ThreatModel(norm=spec.norm, eps=eps, step=max(spec.step_ratio * eps, 1e-8))
+    return build_attack(spec.name, model, threat, steps=spec.steps, restarts=spec.restarts, seed=seed)
+
+
+def run_attack_on(model: nn.Module, attack_spec: AttackSpec, x: torch.Tensor, y: torch.Tensor, eps: float,
+                  seed: int, batch_size: int, desc: str = "") -> torch.Tensor:
+    """Returns a bool mask [N]: True where the model still classifies the attacked point correctly."""
+    attack = make_attack(attack_spec, model, eps, seed)
+    keep = torch.empty(len(x), dtype=torch.bool, device=x.device)
+    for s in tqdm(range(0, len(x), batch_size), desc=desc, leave=False, disable=len(x) <= batch_size):
+        xb, yb = x[s:s + batch_size], y[s:s + batch_size]
+        xa = attack(xb, yb)
+        with torch.no_grad():
+            keep[s:s + batch_size] = model(xa).argmax(1) == yb
+    return keep
+
+
+def cascade(model: nn.Module, attacks: Sequence[AttackSpec], x: torch.Tensor, y: torch.Tensor, eps: float,
+            seed: int, batch_size: int) -> tuple[dict[str, float], torch.Tensor, dict[str, float]]:
+    """Runs ``attacks`` in order on still-robust points. Returns (cumulative accuracy after each attack,
+    robust mask [N] = worst case per point, seconds per attack)."""
+    robust = predict(model, x, batch_size) == y
+    n = len(x)
+    cumulative, seconds = {}, {}
+    for a in attacks:
+        t0 = time.perf_counter()
+        idx = robust.nonzero().squeeze(1)
+        if len(idx):
+            still = run_attack_on(model, a, x[idx], y[idx], eps, seed, batch_size, desc=f"{a.name} eps={eps:g}")
+            robust[idx[~still]] = False
+        cumulative[label(a)] = robust.sum().item() / n
+        seconds[label(a)] = round(time.perf_counter() - t0, 2)
+    return cumulative, robust, seconds
+
+
+def label(a: AttackSpec) -> str:
+    if a.name == "fgsm":
+        return "FGSM"
+    names = {"pgd": "PGD", "cw": "CW", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "apgd-dlr": "APGD-DLR"}
+    return f"{names[a.name]}-{a.steps}" if a.name in ("pgd", "cw") else names[a.name]
+
+
+def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, curve: dict[float, float],
+                  seed: int, batch_size: int, norm: str = "linf", n: int = 500) -> dict:
+    """The gradient-masking checks of SPEC.md section 3 on up to ``n`` points. Each entry has its measured
+    figures and ``flag`` (True means suspicious)."""
+    x, y = x[:n], y[:n]
+    out: dict = {}
+    # 1. Robust accuracy must not rise with eps.
+    eps_sorted = sorted(curve)
+    rises = [(a, b) for a, b in zip(eps_sorted, eps_sorted[1:]) if curve[b] > curve[a] + 0.005]
+    out["eps_monotone"] = {"curve": {f"{e:g}": curve[e] for e in eps_sorted}, "flag": bool(rises)}
+    # 2. At a very large eps (0.5 in L-inf: every image can be turned grey) PGD must reach ~0.
+    big = 0.5 if norm == "linf" else 10.0
+    pgd = AttackSpec(name="pgd", steps=20, norm=norm)
+    acc_big = run_attack_on(model, pgd, x, y, big, seed, batch_size).float().mean().item()
+    out["large_eps"] = {"eps": big, "pgd20_accuracy": acc_big, "flag": acc_big > 0.05}
+    # 3. More PGD steps must not raise robust accuracy.
+    acc_few = run_attack_on(model, AttackSpec(name="pgd", steps=10, norm=norm), x, y, eps, seed, batch_size)
+    acc_many = run_attack_on(model, AttackSpec(name="pgd", steps=100, norm=norm), x, y, eps, seed, batch_size)
+    f, m = acc_few.float().mean().item(), acc_many.float().mean().item()
+    out["more_steps"] = {"pgd10": f, "pgd100": m, "flag": m > f + 0.01}
+    # 4. Input gradients must not vanish, and outputs must be logits rather than probabilities.
+    xg = x[:batch_size].clone().requires_grad_(True)
+    was = model.training
+    model.eval()
+    with torch.enable_grad():
+        logits = model(xg)
+        loss = nn.functional.cross_entropy(logits, y[:batch_size], reduction="sum")
+        (g,) = torch.autograd.grad(loss, xg)
+    model.train(was)
+    zero = (g.flatten(1).abs().amax(1) == 0).float().mean().item()
+    out["zero_gradients"] = {"fraction": zero, "flag": zero > 0.01}
+    with torch.no_grad():
+        lg = logits.detach()
+        looks_prob = bool(((lg >= 0) & (lg <= 1)).all() and torch.allclose(lg.sum(1), torch.ones_like(lg[:, 0]),
+                                                                             atol=1e-3))
+    out["softmax_outputs"] = {"flag": looks_prob}
+    # 5. A black-box attack must not beat the white-box ones: random corners of the eps-ball.
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        alive = predict(model, x, batch_size) == y
+        for _ in range(20):
+            noise = (torch.randint(0, 2, x.shape, generator=gen).float() * 2 - 1).to(x.device) * eps
+            alive &= predict(model, (x + noise).clamp(0, 1), batch_size) == y
+    bb = alive.float().mean().item()
+    wb = curve.get(eps, min(curve.values()) if curve else 1.0)
+    out["black_box"] = {"random_corners_20": bb, "white_box_worst": wb, "flag": bb < wb - 0.01}
+    out["any_flag"] = any(v.get("flag") for v in out.values() if isinstance(v, dict))
+    return out
+
+
+def evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[AttackSpec],
+                        eps_list: Iterable[float], curve_eps: Iterable[float] = (), seed: int = 0,
+                        batch_size: int = 256, sanity: bool = True) -> dict:
+    """x: [N, C, H, W] in [0, 1] on the model's device; y: [N]. Returns the report dict (JSON-ready)."""
+    model.eval()
+    n = len(x)
+    t0 = time.perf_counter()
+    clean_mask = predict(model, x, batch_size) == y
+    clean = clean_mask.float().mean().item()
+    rows = []
+    curve: dict[float, float] = {}
+    all_eps = sorted(set(eps_list) | set(curve_eps))
+    for eps in all_eps:
+        cum, robust, secs = cascade(model, attacks, x, y, eps, seed, batch_size)
+        k = int(robust.sum().item())
+        rows.append({"eps": eps, "attacks": cum, "worst_case": k / n, "worst_case_ci95": wilson_interval(k, n),
+                     "seconds": secs, "in_table": eps in set(eps_list)})
+        curve[eps] = k / n
+        log.info("eps %g: %s worst %.4f", eps, cum, k / n)
+    report = {
+        "n": n,
+        "clean_accuracy": clean,
+        "clean_ci95": wilson_interval(int(clean_mask.sum().item()), n),
+        "attacks": [a.model_dump(mode="json") for a in attacks],
+        "cascade": True,
+        "results": rows,
+    }
+    if sanity:
+        main_eps = min(eps_list)
+        report["sanity"] = sanity_checks(model, x, y, main_eps, curve, seed, batch_size,
+                                         norm=attacks[0].norm if attacks else "linf")
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    return report
+
+
+def format_table(report: dict) -> str:
+    rows = [r for r in report["results"] if r.get("in_table", True)] or report["results"]
+    names = list(rows[0]["attacks"]) if rows else []
+    head = ["eps", "clean"] + names + ["worst case"]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        cells = [f"{r['eps']:g}", f"{100 * report['clean_accuracy']:.2f}"]
+        cells += [f"{100 * r['attacks'][k]:.2f}" for k in names]
+        cells.append(f"{100 * r['worst_case']:.2f}")
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def plot_curve(report: dict, path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(report["results"], key=lambda r: r["eps"])
+    eps = [0.0] + [r["eps"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = list(rows[0]["attacks"]) if rows else []
+    for k in names:
+        ax.plot(eps, [100 * report["clean_accuracy"]] + [100 * r["attacks"][k] for r in rows], marker="o", label=k)
+    ax.plot(eps, [100 * report["clean_accuracy"]] + [100 * r["worst_case"] for r in rows], "k--", lw=2,
+            label="worst case")
+    ax.set_xlabel("eps (pixel units, [0, 1] images)")
+    ax.set_ylabel("accuracy (%)  [cascade: cumulative]")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title or "robustness curve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

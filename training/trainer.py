@@ -1,0 +1,217 @@
+"""The training loop shared by every method: seeded, device-agnostic, DDP-aware, resumable, logged as JSON lines."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from serving.configio import dump_config
+from serving.runtime.spec import ModelSpec
+from training.checkpoint import load_checkpoint, save_atomic
+from training.config import OptimConfig, TrainConfig
+from training.device import resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+class TrainModule(nn.Module):
+    """What DDP wraps: ``forward(x)`` gives the model's output, ``forward(x, "features")`` its features, so methods
+    that need the feature map still go through the wrapper and get their gradients synchronised."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, mode: str = "output"):
+        if mode == "features":
+            return self.model.features(x)
+        return self.model(x)
+
+
+def build_optimizer(cfg: OptimConfig, params, steps_per_epoch: int, epochs: int):
+    if cfg.name == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=False)
+    else:
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = max(1, steps_per_epoch * epochs)
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "cosine":
+            t = (step - warm) / max(1, total - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        if cfg.schedule == "multistep":
+            epoch = step / steps_per_epoch
+            return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+        return 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def model_options(cfg: TrainConfig, train_set, task: str) -> dict[str, Any]:
+    from training.data import dataset_info
+
+    info = dataset_info(cfg.data.name)
+    opts: dict[str, Any] = {
+        "channels": train_set.channels,
+        "input_size": tuple(train_set.input_size),
+        "mean": tuple(info["mean"]),
+        "std": tuple(info["std"]),
+    }
+    if task == "classification":
+        opts["num_classes"] = train_set.num_classes
+        opts["class_names"] = tuple(train_set.class_names)
+    opts.update(cfg.model.options)
+    return opts
+
+
+def _dist_env() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def fixed_subset(n_total: int, n: int | None, seed: int) -> torch.Tensor | None:
+    """The first ``n`` of a seeded permutation: the same points for every run with the same seed."""
+    if n is None or n >= n_total:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_total, generator=g)[:n].sort().values
+
+
+@torch.no_grad()
+def clean_accuracy(model: nn.Module, dataset, device: torch.device, batch_size: int = 512) -> float:
+    was = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(dataset), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(dataset)))
+        x, y = dataset.get(idx)
+        correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+    model.train(was)
+    return correct / max(1, len(dataset))
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train per ``cfg``; returns the output folder holding ``model.pt``, ``last.pt``, ``config.yaml``,
+    ``metrics.jsonl``. Under torchrun, every rank trains its shard and rank 0 writes."""
+    from training.data import BatchLoader, load_dataset
+    from training.methods import build_method
+    from training.models import build_model, model_task
+
+    rank, world, local_rank = _dist_env()
+    device = resolve_device(cfg.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    out = Path(cfg.out_dir)
+    is_main = rank == 0
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+
+    seed_everything(cfg.seed)  # identical initial weights on every rank
+    train_set = load_dataset(cfg.data.name, "train", cfg.data.root)
+    test_set = load_dataset(cfg.data.name, "test", cfg.data.root)
+    sub = fixed_subset(len(train_set), cfg.data.train_subset, cfg.seed)
+    if sub is not None:
+        train_set = train_set.subset(sub)
+
+    task = model_task(cfg.model.arch)
+    arch_options = model_options(cfg, train_set, task)
+    model, spec = build_model(cfg.model.arch, **arch_options)
+    robust = cfg.method.name != "standard"
+    spec = spec.model_copy(update={"method": cfg.method.name, "threat_model": cfg.method.attack if robust else None})
+    model.to(device)
+
+    generator = seed_everything(cfg.seed * 1000 + rank)  # per-rank randomness for attacks and sampling
+    method = build_method(cfg.method, spec=spec, train_set=train_set, device=device, generator=generator,
+                          rank=rank, world_size=world, train_config=cfg)
+    method.setup(model)
+
+    loader = method.make_loader(train_set, cfg, rank, world) if hasattr(method, "make_loader") else BatchLoader(
+        train_set, cfg.batch_size, shuffle=True, drop_last=True, augment=cfg.data.augment, seed=cfg.seed,
+        rank=rank, world_size=world)
+    steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+    net: nn.Module = TrainModule(model)
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(cfg.optim, trainable, steps_per_epoch, cfg.epochs)
+
+    start_epoch = 0
+    last = out / "last.pt"
+    if cfg.resume and last.is_file():
+        state = load_checkpoint(last, device)
+        saved = dict(state["config"])
+        now = cfg.model_dump(mode="json")
+        for k in ("resume", "out_dir", "epochs", "device", "num_threads", "eval_every"):
+            saved.pop(k, None)
+            now.pop(k, None)
+        if saved != now:
+            raise ValueError(f"{last} was written by a different config; use another out_dir or --set resume=false")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        method.load_state_dict(state.get("method_state", {}))
+        start_epoch = state["epoch"]
+        if is_main:
+            log.info("resumed from %s at epoch %d", last, start_epoch)
+
+    metrics_path = out / "metrics.jsonl"
+    metrics = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        loader.set_epoch(epoch)
+        model.train()
+        t0 = time.perf_counter()
+        running: dict[str, float] = {}
+        bar = tqdm(total=steps_per_epoch, desc=f"{cfg.method.name} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not is_main, leave=False, dynamic_ncols=True)
+        for step, (x, y) in enumerate(loader):
+            if step >= steps_per_epoch:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss, figs = method.training_step(net, model, x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            for k, v in figs.items():
+                running[k] = running.get(k, 0.0) + float(v)
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in figs.items()})
+        bar.close()
+        seconds = time.perf_counter() - t0
+        metrics = {"epoch": epoch + 1, "seconds": round(seconds, 2), "lr": scheduler.get_last_lr()[0],
+                   **{k: v / max(1, steps_per_epoch) for k, v in running.items()}}
+        if is_main and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs) \
+                and task == "classification":
+            metrics["test_acc"] = clean_accuracy(model, test_set, device)
+        if is_main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            log.info("epoch %d: %s", epoch + 1, json.dumps(metrics))
+            base = {"model": model.state_dict(), "spec": spec.model_dump(mode="json"), "arch_options": arch_options,
+                    "config": cfg.model_dump(mode="json"), "epoch": epoch + 1, "metrics": metrics}
+            save_atomic(base, out / "model.pt")
+            save_atomic({**base, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "method_state": method.state_dict()}, last)
+        if world > 1:
+            dist.barrier()
+    if world > 1:
+        dist.destroy_process_group()
+    return out
