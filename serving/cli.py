@@ -65,16 +65,42 @@ COMMANDS: dict[str, tuple[str, Callable[[], type], Callable[[BaseModel], int]]] 
 }
 
 
+def _bench_entry(module: str, root: str, runner: str):
+    def load():
+        import importlib
+
+        mod = importlib.import_module(module)
+        return getattr(mod, root), getattr(mod, runner)
+
+    return load
+
+
+# suite -> (help, loader of (config root, runner)); the suites are long jobs, not tests.
+BENCHES: dict[str, tuple[str, Callable[[], tuple[type, Callable[[BaseModel], int]]]]] = {
+    "robust-classifiers": ("standard / pgd-at / trades / agkd-bml under one budget, then the attack suite",
+                           _bench_entry("training.bench.robust_classifiers", "BenchConfig", "run")),
+    "robust-embedders": ("triplet / est / act / hm / hm+ics under one budget, then the ranking attacks",
+                         _bench_entry("training.bench.robust_embedders", "BenchConfig", "run")),
+}
+
+
+def _add_config_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--config", metavar="FILE", help="YAML config (unknown keys are rejected)")
+    sp.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                    help="override one key, dotted (e.g. --set optim.lr=0.01); repeatable")
+    sp.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="robustserve", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     for name, (help_, _, _) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_, description=help_)
-        sp.add_argument("--config", metavar="FILE", help="YAML config (unknown keys are rejected)")
-        sp.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                        help="override one key, dotted (e.g. --set optim.lr=0.01); repeatable")
-        sp.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+        _add_config_args(sp)
+    bench = sub.add_parser("bench", help="run a benchmark suite (a long job) and record it in BENCHMARKS.md")
+    bench.add_argument("suite", choices=sorted(BENCHES), help="; ".join(f"{k}: {v[0]}" for k, v in BENCHES.items()))
+    _add_config_args(bench)
     return p
 
 
@@ -82,9 +108,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    _, root, runner = COMMANDS[args.command]
     try:
-        cfg = load_config(root(), args.config, args.overrides)
+        if args.command == "bench":
+            root_cls, runner = BENCHES[args.suite][1]()
+        else:
+            _, root, runner = COMMANDS[args.command]
+            root_cls = root()
+        cfg = load_config(root_cls, args.config, args.overrides)
     except ConfigError as e:
         print(f"robustserve {args.command}: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ class DataConfig(Frozen):
     root: Optional[str] = None  # None: the registry's default location (Fashion-MNIST: the Debian package)
     augment: bool = True
     train_subset: Optional[int] = Field(None, ge=1)  # first N of a fixed seeded permutation; None: all
+    options: dict[str, Any] = Field(default_factory=dict)  # loader options, e.g. image-folder's size
 
 
 class ModelConfig(Frozen):

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -62,12 +63,12 @@ def build_optimizer(cfg: OptimConfig, params, steps_per_epoch: int, epochs: int)
 def model_options(cfg: TrainConfig, train_set, task: str) -> dict[str, Any]:
     from training.data import dataset_info
 
-    info = dataset_info(cfg.data.name)
+    info = dataset_info(cfg.data.name, **cfg.data.options)
     opts: dict[str, Any] = {
         "channels": train_set.channels,
         "input_size": tuple(train_set.input_size),
-        "mean": tuple(info["mean"]),
-        "std": tuple(info["std"]),
+        "mean": tuple(info.mean),
+        "std": tuple(info.std),
     }
     if task == "classification":
         opts["num_classes"] = train_set.num_classes
@@ -124,8 +125,8 @@ def train(cfg: TrainConfig) -> Path:
         (out / "config.yaml").write_text(dump_config(cfg))
 
     seed_everything(cfg.seed)  # identical initial weights on every rank
-    train_set = load_dataset(cfg.data.name, "train", cfg.data.root)
-    test_set = load_dataset(cfg.data.name, "test", cfg.data.root)
+    train_set = load_dataset(cfg.data.name, "train", cfg.data.root, **cfg.data.options)
+    test_set = load_dataset(cfg.data.name, "test", cfg.data.root, **cfg.data.options)
     sub = fixed_subset(len(train_set), cfg.data.train_subset, cfg.seed)
     if sub is not None:
         train_set = train_set.subset(sub)
@@ -179,7 +180,8 @@ def train(cfg: TrainConfig) -> Path:
         t0 = time.perf_counter()
         running: dict[str, float] = {}
         bar = tqdm(total=steps_per_epoch, desc=f"{cfg.method.name} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not is_main, leave=False, dynamic_ncols=True)
+                   disable=not is_main, leave=False, dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 30.0)
         for step, (x, y) in enumerate(loader):
             if step >= steps_per_epoch:
                 break

@@ -19,7 +19,7 @@ def load_eval_points(cfg: EvaluateConfig, device: torch.device):
     """The stated evaluation points: the full test split, or the first ``subset`` of a seeded permutation."""
     from training.data import load_dataset
 
-    test = load_dataset(cfg.data.name, "test", cfg.data.root)
+    test = load_dataset(cfg.data.name, "test", cfg.data.root, **cfg.data.options)
     idx = fixed_subset(len(test), cfg.subset, cfg.seed)
     if idx is None:
         idx = torch.arange(len(test))
