@@ -168,6 +168,9 @@ def train(cfg: TrainConfig) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         method.load_state_dict(state.get("method_state", {}))
+        if "rng" in state:
+            generator.set_state(state["rng"]["generator"].cpu())
+            torch.set_rng_state(state["rng"]["torch"].cpu())
         start_epoch = state["epoch"]
         if is_main:
             log.info("resumed from %s at epoch %d", last, start_epoch)
@@ -211,7 +214,8 @@ def train(cfg: TrainConfig) -> Path:
                     "config": cfg.model_dump(mode="json"), "epoch": epoch + 1, "metrics": metrics}
             save_atomic(base, out / "model.pt")
             save_atomic({**base, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "method_state": method.state_dict()}, last)
+                         "method_state": method.state_dict(), "rng": {"generator": generator.get_state(),
+                                                                      "torch": torch.get_rng_state()}}, last)
         if world > 1:
             dist.barrier()
     if world > 1:
