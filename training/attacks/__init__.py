@@ -1,0 +1,19 @@
+"""Adversarial attacks = threat model (:class:`LpBall`) x objective (:data:`OBJECTIVES`) x algorithm
+(:func:`pgd`, :func:`apgd`). Classification attacks share the :class:`Attack` base class and are built by
+name with :func:`build_attack`; :func:`targeted_pgd` is AGKD-BML's batched targeted PGD."""
+from training.attacks.apgd import APGD, apgd
+from training.attacks.apgdt import APGDT
+from training.attacks.base import Attack, LogitCache, build_attack, eval_mode, list_attacks, register_attack
+from training.attacks.core import input_grad
+from training.attacks.cw import CW
+from training.attacks.fgsm import FGSM
+from training.attacks.objectives import (OBJECTIVES, Objective, ce, cw_margin, dlr, get_objective, targeted_ce,
+                                         targeted_cw_margin, targeted_dlr)
+from training.attacks.pgd import PGD, pgd, targeted_pgd
+from training.attacks.threat import LpBall
+
+__all__ = [
+    "APGD", "APGDT", "Attack", "CW", "FGSM", "LogitCache", "LpBall", "OBJECTIVES", "Objective", "PGD", "apgd",
+    "build_attack", "ce", "cw_margin", "dlr", "eval_mode", "get_objective", "input_grad", "list_attacks", "pgd",
+    "register_attack", "targeted_ce", "targeted_cw_margin", "targeted_dlr", "targeted_pgd",
+]

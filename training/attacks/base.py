@@ -1,0 +1,185 @@
+"""The classification-attack base class and the attack registry.
+
+Every attack's ``__call__`` does the same things (eval mode and restore, no input mutation, no
+parameter gradients, detached output inside the ball and box); a subclass writes only
+:meth:`Attack.perturb`.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ClassVar, Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from serving.runtime.spec import ThreatModel
+from training.attacks.core import grad_enabled
+from training.attacks.objectives import Objective
+from training.attacks.threat import LpBall
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Puts every submodule in eval mode and restores each one's own flag afterwards, even on error.
+
+    Restoring per submodule (not ``model.train(was_training)``) keeps deliberately mixed modes intact,
+    e.g. the frozen-BatchNorm embedders of hardness manipulation, trained with BN in eval mode.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in modes:
+            m.training = flag
+
+
+class LogitCache:
+    """A model call that remembers its last input, so ``success_fn`` reuses ``loss_fn``'s forward pass.
+
+    The algorithms call ``success_fn`` right after ``loss_fn`` on the same tensor object; the cached
+    logits are detached so no graph outlives its backward pass.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._x: Optional[torch.Tensor] = None
+        self._logits: Optional[torch.Tensor] = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        self._x, self._logits = x, logits.detach()
+        return logits
+
+    def detached(self, x: torch.Tensor) -> torch.Tensor:
+        if x is self._x and self._logits is not None:
+            return self._logits
+        with torch.no_grad():
+            return self.model(x)
+
+
+def classifier_success(cache: LogitCache, y: torch.Tensor, target: Optional[torch.Tensor]
+               ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Untargeted success: prediction != y. Targeted success: prediction == target. -> bool [B]."""
+    if target is None:
+        return lambda xa: cache.detached(xa).argmax(dim=1) != y
+    return lambda xa: cache.detached(xa).argmax(dim=1) == target
+
+
+class Attack:
+    """Base of the classification attacks: ``attack(x, y, target=None) -> x_adv``.
+
+    The model is any ``nn.Module`` mapping images [B, C, H, W] in [lo, hi] (pixel units, usually
+    [0, 1]; normalisation is the model's first layer) to logits [B, K].
+
+    ``__call__`` guarantees, for every attack:
+      - the model runs in eval mode during the attack; each submodule's train/eval flag is restored
+        afterwards, also on exception;
+      - ``x``, ``y`` and ``target`` are never modified; the result is a new, detached tensor;
+      - parameter gradients are untouched (a ``None`` ``.grad`` stays ``None``): only input gradients
+        are taken;
+      - the result lies in the ball around ``x`` and in the box;
+      - it works under ``torch.no_grad()`` and ``torch.inference_mode()``;
+      - randomness comes only from ``self.generator``: two attacks built with the same seed give the
+        same adversarial examples for the same sequence of calls.
+
+    Args:
+        model: the classifier.
+        ball: the threat model (norm, eps, step, box).
+        seed: seeds a fresh CPU ``torch.Generator`` when ``generator`` is None. Default 0.
+        generator: a generator to draw from instead (it advances across calls).
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module, ball: LpBall, *, seed: int = 0,
+                 generator: Optional[torch.Generator] = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(ball, LpBall):
+            raise TypeError(f"ball must be an LpBall (LpBall.from_threat(threat_model)), got {type(ball).__name__}")
+        self.model = model
+        self.ball = ball
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: [B, C, H, W] float in the box; y: [B] int64; target: [B] int64 for targeted objectives.
+        Returns x_adv: [B, C, H, W], same dtype and device as x."""
+        check_inputs(x, y, target, self.ball)
+        with eval_mode(self.model), grad_enabled():
+            x0 = x.detach().clone()
+            y0 = y.detach().clone()
+            t0 = None if target is None else target.detach().clone()
+            x_adv = self.perturb(x0, y0, t0)
+        return x_adv.detach()
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
+        """The algorithm. Called in eval mode with grad enabled on private copies of the inputs."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        b = self.ball
+        return f"{type(self).__name__}(norm={b.norm}, eps={b.eps:g}, step={b.step:g})"
+
+
+def check_inputs(x: torch.Tensor, y: Optional[torch.Tensor], target: Optional[torch.Tensor], ball: LpBall) -> None:
+    if not torch.is_floating_point(x) or x.dim() < 2:
+        raise ValueError(f"x must be a float tensor [B, ...], got {x.dtype} {tuple(x.shape)}")
+    for what, t in (("y", y), ("target", target)):
+        if t is not None and (t.shape != (x.shape[0],) or t.dtype != torch.int64):
+            raise ValueError(f"{what} must be int64 of shape [{x.shape[0]}], got {t.dtype} {tuple(t.shape)}")
+    if x.numel() and (float(x.min()) < ball.lo or float(x.max()) > ball.hi):
+        raise ValueError(f"x must lie in [{ball.lo}, {ball.hi}] (pixel units); got values in "
+                         f"[{float(x.min()):.4g}, {float(x.max()):.4g}]. Normalisation belongs inside the model.")
+
+
+def check_target(objective: Objective, target: Optional[torch.Tensor]) -> None:
+    if objective.targeted and target is None:
+        raise ValueError(f"objective {objective.name!r} is targeted: pass target (int64 [B])")
+    if not objective.targeted and target is not None:
+        raise ValueError(f"objective {objective.name!r} is untargeted: pass no target, or pick a targeted objective")
+
+
+# --- registry -----------------------------------------------------------------------------------
+
+Builder = Callable[..., Attack]
+_ATTACKS: dict[str, Builder] = {}
+
+
+def register_attack(name: str) -> Callable[[Builder], Builder]:
+    """Registers ``builder(model, ball, *, steps, restarts, seed, **kw) -> Attack`` under ``name``.
+    ``steps`` is None when the caller left it to the attack's default."""
+
+    def deco(builder: Builder) -> Builder:
+        if name in _ATTACKS:
+            raise ValueError(f"attack {name!r} registered twice")
+        _ATTACKS[name] = builder
+        return builder
+
+    return deco
+
+
+def list_attacks() -> list[str]:
+    return sorted(_ATTACKS)
+
+
+def build_attack(name: str, model: nn.Module, threat: Union[ThreatModel, LpBall], steps: Optional[int] = None,
+                 restarts: int = 1, seed: int = 0, **kw: Any) -> Attack:
+    """Builds a registered attack.
+
+    Args:
+        name: one of :func:`list_attacks` ('apgd-ce', 'apgd-dlr', 'apgd-t', 'cw', 'fgsm', 'pgd').
+        model: classifier, [0, 1] images [B, C, H, W] -> logits [B, K].
+        threat: the threat model; its ``step`` is the step of 'pgd' and 'cw' (FGSM steps by eps,
+            APGD sets its own schedule from 2 * eps).
+        steps: iterations; None for the attack's default (PGD/CW 10, APGD 100; FGSM takes exactly 1).
+        restarts: random restarts (FGSM: only 1).
+        seed: seeds the attack's generator (ignored when ``generator=`` is passed in ``kw``).
+        kw: attack-specific options (e.g. ``objective=`` for 'pgd', ``n_target_classes=`` for 'apgd-t').
+    """
+    if name not in _ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; choose one of {', '.join(list_attacks())}")
+    if steps is not None and steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    ball = threat if isinstance(threat, LpBall) else LpBall.from_threat(threat)
+    return _ATTACKS[name](model, ball, steps=steps, restarts=restarts, seed=seed, **kw)
