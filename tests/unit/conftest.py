@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from training.config import DataConfig, OptimConfig, TrainConfig
+from training.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 
 
 @pytest.fixture(scope="session")
@@ -11,7 +11,9 @@ def fmnist_standard(tmp_path_factory):
 
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("standard")
-    cfg = TrainConfig(data=DataConfig(name="fashion-mnist"), optim=OptimConfig(lr=0.05), epochs=2,
+    cfg = TrainConfig(data=DataConfig(name="fashion-mnist", augment=False),
+                      model=ModelConfig(arch="smallcnn", options={"dropout": 0.0}),
+                      optim=OptimConfig(name="adam", lr=1e-3, weight_decay=0.0), epochs=2,
                       batch_size=128, out_dir=str(out), seed=0)
     train(cfg)
     return out
