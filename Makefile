@@ -21,3 +21,12 @@ test-integration: setup
 
 clean:
 	rm -rf runs .pytest_cache
+
+bench-serving: setup
+	$(PY) scripts/bench_serving.py
+
+bench-classifiers: setup
+	$(PY) -m serving.cli bench robust-classifiers
+
+bench-embedders: setup
+	$(PY) -m serving.cli bench robust-embedders

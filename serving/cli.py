@@ -33,6 +33,24 @@ def _demo_root():
     return DemoConfig
 
 
+def _export_root():
+    from serving.export import ExportConfig
+
+    return ExportConfig
+
+
+def _archive_root():
+    from serving.archive import ArchiveConfig
+
+    return ArchiveConfig
+
+
+def _serve_root():
+    from serving.serve import ServeConfig
+
+    return ServeConfig
+
+
 def _run_train(cfg) -> int:
     from training.trainer import train
 
@@ -51,6 +69,87 @@ def _run_evaluate(cfg) -> int:
     return 0
 
 
+def _serving_errors(command: str):
+    """Serving commands report failures of the tools they drive (archiver, server start-up) as errors, not
+    tracebacks."""
+
+    def deco(fn):
+        def run(cfg) -> int:
+            try:
+                return fn(cfg)
+            except (FileExistsError, RuntimeError, TimeoutError) as e:
+                print(f"robustserve {command}: error: {e}", file=sys.stderr)
+                return 1
+
+        return run
+
+    return deco
+
+
+@_serving_errors("export")
+def _run_export(cfg) -> int:
+    from serving.export import export, summary
+
+    out = export(cfg)
+    info = summary(out)
+    print(f"exported {info['name']} to {out}")
+    for name, f in info["files"].items():
+        print(f"  {name:12s} {out / f}")
+    for eng, figs in info["parity"].items():
+        print(f"  parity {eng}: " + ", ".join(f"{k} max |diff| {v:.2g}" for k, v in figs.items()))
+    return 0
+
+
+@_serving_errors("archive")
+def _run_archive(cfg) -> int:
+    from serving.archive import archive
+
+    print(f"archived: {archive(cfg)}")
+    return 0
+
+
+@_serving_errors("serve")
+def _run_serve(cfg) -> int:
+    from serving.serve import describe_access, start, status
+
+    inst = start(cfg)
+    st = status(cfg)
+    print(f"TorchServe is running (pid {st.get('pid')}), work folder {inst.work}")
+    for name, m in st["models"].items():
+        ready = sum(w["status"] == "READY" for w in m.get("workers", []))
+        print(f"  {name}: {ready}/{len(m.get('workers', []))} workers ready, batch {m.get('batch_size')}")
+    print(describe_access(inst))
+    print("stop it with: robustserve stop" + (f" --set workdir={cfg.workdir}" if cfg.workdir != "runs/serve" else ""))
+    return 0
+
+
+@_serving_errors("stop")
+def _run_stop(cfg) -> int:
+    from serving.serve import stop
+
+    print("TorchServe stopped" if stop(cfg) else f"no TorchServe running from {cfg.workdir}")
+    return 0
+
+
+@_serving_errors("status")
+def _run_status(cfg) -> int:
+    from serving.serve import status
+
+    st = status(cfg)
+    if not st["running"]:
+        print(f"TorchServe is not running (work folder {st['workdir']})")
+        return 3
+    print(f"TorchServe running, pid {st['pid']}, work folder {st['workdir']}")
+    if "error" in st:
+        print(f"  cannot list models: {st['error']}")
+        return 1
+    for name, m in st["models"].items():
+        workers = ", ".join(f"{w['id']}:{w['status']}" for w in m.get("workers", [])) or "none"
+        print(f"  {name} v{m.get('version')}: {'READY' if m.get('ready') else 'NOT READY'}; workers {workers}; "
+              f"batch {m.get('batch_size')}, delay {m.get('max_batch_delay_ms')} ms")
+    return 0 if st["models"] and all(m.get("ready") for m in st["models"].values()) else 1
+
+
 def _run_demo(cfg) -> int:
     from serving.demo import run_demo
 
@@ -61,6 +160,11 @@ def _run_demo(cfg) -> int:
 COMMANDS: dict[str, tuple[str, Callable[[], type], Callable[[BaseModel], int]]] = {
     "train": ("train a model with a registered method", _train_root, _run_train),
     "evaluate": ("evaluate a checkpoint clean and under the attack suite", _evaluate_root, _run_evaluate),
+    "export": ("export a checkpoint to TorchScript and ONNX, checked for parity", _export_root, _run_export),
+    "archive": ("build a TorchServe .mar from an export folder", _archive_root, _run_archive),
+    "serve": ("start TorchServe on the model store (loopback, token auth)", _serve_root, _run_serve),
+    "stop": ("stop the TorchServe started by serve, and wait until it is gone", _serve_root, _run_stop),
+    "status": ("report each served model's workers and readiness", _serve_root, _run_status),
     "demo": ("the main job on the embedded default (Fashion-MNIST)", _demo_root, _run_demo),
 }
 

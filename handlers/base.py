@@ -1,0 +1,107 @@
+"""What every robustserve handler does for TorchServe: build a runtime service from the unpacked archive, turn
+TorchServe's batch into runtime requests, and give each request its own status, so one bad item answers its own
+4xx JSON error while its batch-mates are answered normally.
+
+TorchServe's ``BaseHandler`` is not used: its ``initialize`` loads a single serialized file into its own
+session and its ``handle`` fails a whole batch on any exception, which are the two things done differently here.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from http import HTTPStatus
+from typing import Any, ClassVar, Optional
+
+from serving.runtime.schemas import ServiceSettings
+from serving.runtime.service import ModelService, RawRequest
+
+log = logging.getLogger(__name__)
+
+# Keys under which TorchServe passes a request's payload: the raw body, or the multipart form field.
+PAYLOAD_KEYS = ("body", "data")
+# TorchServe 0.12 does not hand query parameters of /predictions to the handler; options of a raw-image request
+# come as multipart form fields or as these headers.
+HEADER_OPTIONS = {"x-top-k": "top_k", "x-k": "k", "x-output": "output"}
+JSON = "application/json"
+BATCH_HEADER = "X-Robustserve-Batch"
+
+
+class TorchServeAdapter:
+    service_class: ClassVar[type[ModelService]] = ModelService
+
+    def __init__(self) -> None:
+        self.service: Optional[ModelService] = None
+        self.initialized = False
+
+    def initialize(self, context: Any) -> None:
+        props = context.system_properties
+        yaml_cfg = getattr(context, "model_yaml_config", None) or {}
+        settings = ServiceSettings.model_validate(yaml_cfg.get("handler") or {})
+        gpu_id = props.get("gpu_id")
+        manifest = getattr(context, "manifest", None) or {}
+        self.service = self.service_class(
+            props["model_dir"], settings, name=context.model_name,
+            version=(manifest.get("model") or {}).get("modelVersion"),
+            device="cpu" if gpu_id is None else "auto", gpu_id=gpu_id)
+        self.initialized = True
+        log.info("%s ready: %s", context.model_name, self.service.describe())
+
+    def to_raw(self, item: Any, headers: Optional[dict] = None) -> RawRequest:
+        params: dict[str, Any] = {}
+        for name, value in (headers or {}).items():
+            key = HEADER_OPTIONS.get(str(name).lower())
+            if key and key in self.service.option_keys:
+                params[key] = value
+        if not isinstance(item, dict):
+            return RawRequest(body=item, params=params)
+        body = None
+        for key, value in item.items():
+            if key in PAYLOAD_KEYS and body is None:
+                body = value
+            else:
+                params[key] = value
+        return RawRequest(body=body, params=params)
+
+    def handle(self, data: list, context: Any) -> list[str]:
+        assert self.service is not None, "initialize() was not called"
+        t0 = time.perf_counter()
+        replies, good = self.service.decode_all([self.to_raw(item, _headers(context, i))
+                                                  for i, item in enumerate(data)])
+        t1 = time.perf_counter()
+        replies = self.service.complete(replies, good)
+        t2 = time.perf_counter()
+        out = []
+        for i, reply in enumerate(replies):
+            if reply.status != 200:
+                context.set_response_status(reply.status, _phrase(reply.status), idx=i)
+            context.set_response_content_type(i, JSON)
+            # How many requests shared this handler call: lets clients and tests see batching at work.
+            context.set_response_header(i, BATCH_HEADER, str(len(data)))
+            out.append(reply.json())
+        self._metrics(context, len(data) - len(good), sum(len(d.x) for _, d in good), t1 - t0, t2 - t1)
+        return out
+
+    @staticmethod
+    def _metrics(context: Any, bad: int, images: int, decode_s: float, infer_s: float) -> None:
+        metrics = getattr(context, "metrics", None)
+        if metrics is None:
+            return
+        # Fresh dimension lists: TorchServe's metric helpers append to the list they are given.
+        metrics.add_counter("InvalidRequests", bad, dimensions=[])
+        metrics.add_counter("InferredImages", images, dimensions=[])
+        metrics.add_time("DecodeTime", round(decode_s * 1000, 3), dimensions=[])
+        metrics.add_time("InferenceTime", round(infer_s * 1000, 3), dimensions=[])
+
+
+def _headers(context: Any, idx: int) -> dict:
+    try:
+        return context.get_all_request_header(idx) or {}
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return {}
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"

@@ -1,0 +1,142 @@
+"""``spec.json``: what an export folder holds and why it can be trusted.
+
+An export folder (written by ``robustserve export``) holds the TorchScript and ONNX artifacts, a probe set and
+``spec.json``, which records the model spec, the input contract, the measured evaluation figures, the resolved
+training config, the parity measurements and the SHA-256 of every other file. Everything that serves the model
+reads its preprocessing and identity from this file only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import Field
+
+from serving.runtime.errors import ArtifactError
+from serving.runtime.spec import Frozen, ModelSpec
+
+MANIFEST_NAME = "spec.json"
+FORMAT_VERSION = 1
+
+
+class InputSpec(Frozen):
+    """The tensor an artifact takes: N x C x H x W float32 images in [lo, hi], batch axis dynamic."""
+
+    name: str = "x"
+    layout: Literal["NCHW"] = "NCHW"
+    dtype: Literal["float32"] = "float32"
+    channels: int = Field(ge=1)
+    height: int = Field(ge=1)
+    width: int = Field(ge=1)
+    range: tuple[float, float] = (0.0, 1.0)
+    color: Literal["grayscale", "rgb", "multichannel"]
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, name: str = "x") -> "InputSpec":
+        color = {1: "grayscale", 3: "rgb"}.get(spec.channels, "multichannel")
+        return cls(name=name, channels=spec.channels, height=spec.input_size[0], width=spec.input_size[1],
+                   color=color)
+
+
+class ArtifactFile(Frozen):
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class ParityCheck(Frozen):
+    """One artifact against the eager model on one input set."""
+
+    inputs: Literal["clean", "adversarial"]
+    batch_sizes: tuple[int, ...]
+    max_abs_diff: float
+    top1_equal: bool
+    topk_equal: bool
+    k: int
+
+
+class ParityReport(Frozen):
+    tolerance: float
+    attack: dict[str, Any]
+    checks: dict[str, tuple[ParityCheck, ...]]  # artifact name -> checks
+
+
+class EvaluationSummary(Frozen):
+    """The figures measured by ``robustserve evaluate``. Classifiers: accuracy in [0, 1], robust = worst case per
+    point for each eps. Embedders: benign retrieval metrics (R@k, mAP, in %) and the ranking-attack ERS terms."""
+
+    source: str
+    task: Literal["classification", "embedding"] = "classification"
+    n: Optional[int] = None
+    points: Optional[str] = None
+    clean_accuracy: Optional[float] = None
+    robust: tuple[dict[str, Any], ...] = ()  # [{eps, worst_case, attacks: {name: accuracy}}]
+    benign: Optional[dict[str, float]] = None
+    ers: Optional[float] = None
+    ers_terms: Optional[dict[str, float]] = None
+    threat: Optional[dict[str, Any]] = None  # the embedder attack profile (eps, steps)
+
+
+class ExportManifest(Frozen):
+    format_version: int = FORMAT_VERSION
+    name: str
+    model: ModelSpec
+    input: InputSpec
+    output: str  # the artifact's output name: logits or embedding
+    evaluation: Optional[EvaluationSummary] = None
+    training_config: Optional[dict[str, Any]] = None
+    parity: Optional[ParityReport] = None
+    artifacts: dict[str, ArtifactFile]  # torchscript, onnx, probes, labels
+    exported: dict[str, Any] = Field(default_factory=dict)  # versions, source checkpoint and its hash, time
+
+    def path_of(self, root: str | Path, artifact: str) -> Path:
+        if artifact not in self.artifacts:
+            raise ArtifactError(f"{root}: spec.json lists no {artifact!r} artifact (has {sorted(self.artifacts)})")
+        return Path(root) / self.artifacts[artifact].file
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_file(root: str | Path, name: str) -> ArtifactFile:
+    path = Path(root) / name
+    return ArtifactFile(file=name, sha256=sha256_file(path), bytes=path.stat().st_size)
+
+
+def load_manifest(root: str | Path) -> ExportManifest:
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{path} not found: export the model first with `robustserve export`")
+    try:
+        return ExportManifest.model_validate(json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ArtifactError(f"{path} is not a valid export manifest: {e}") from None
+
+
+def verify_artifact(root: str | Path, manifest: ExportManifest, artifact: str) -> Path:
+    """The path of ``artifact`` after checking its size and SHA-256 against the manifest."""
+    info = manifest.artifacts.get(artifact)
+    if info is None:
+        raise ArtifactError(f"{root}: spec.json lists no {artifact!r} artifact")
+    path = Path(root) / info.file
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing (listed in spec.json)")
+    if path.stat().st_size != info.bytes or sha256_file(path) != info.sha256:
+        raise ArtifactError(f"{path} does not match the SHA-256 recorded in spec.json: the file was changed "
+                            f"after export; re-export the model")
+    return path
+
+
+def verify_all(root: str | Path, manifest: ExportManifest) -> None:
+    for name in manifest.artifacts:
+        verify_artifact(root, manifest, name)

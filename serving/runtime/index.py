@@ -1,0 +1,113 @@
+"""The retrieval index: a FAISS index over a gallery of unit-norm embeddings, with each item's id and label.
+
+Search is by inner product on L2-normalised vectors (cosine similarity). ``flat`` is exact; ``hnsw`` is an
+approximate graph index for large galleries. Distances are reported as cosine distance, ``1 - similarity``.
+Files: ``gallery.index`` (FAISS) and ``gallery.json`` (ids, labels, class names, index kind).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+import numpy as np
+
+from serving.runtime.errors import ArtifactError
+
+INDEX_FILE = "gallery.index"
+META_FILE = "gallery.json"
+IndexKind = Literal["flat", "hnsw"]
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+class RetrievalIndex:
+    def __init__(self, index, ids: Sequence[str], labels: np.ndarray, class_names: Optional[Sequence[str]] = None,
+                 kind: IndexKind = "flat", ef_search: int = 64, model_sha256: Optional[str] = None):
+        if index.ntotal != len(ids) or len(ids) != len(labels):
+            raise ArtifactError(f"gallery index holds {index.ntotal} vectors, {len(ids)} ids, {len(labels)} labels")
+        self.index = index
+        self.ids = list(ids)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.class_names = tuple(class_names) if class_names is not None else None
+        self.kind = kind
+        self.ef_search = ef_search
+        self.model_sha256 = model_sha256  # the artifact that computed the gallery embeddings
+        if kind == "hnsw":
+            index.hnsw.efSearch = ef_search
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray, ids: Sequence[str], labels: Sequence[int],
+              class_names: Optional[Sequence[str]] = None, kind: IndexKind = "flat", hnsw_m: int = 32,
+              ef_construction: int = 80, ef_search: int = 64, model_sha256: Optional[str] = None
+              ) -> "RetrievalIndex":
+        """embeddings: [G, D]; normalised here, so cosine similarity is the inner product."""
+        faiss = _faiss()
+        x = _unit(embeddings)
+        if x.ndim != 2 or len(x) == 0:
+            raise ValueError(f"gallery embeddings must be a non-empty [G, D] array, got shape {x.shape}")
+        d = x.shape[1]
+        if kind == "flat":
+            index = faiss.IndexFlatIP(d)
+        elif kind == "hnsw":
+            index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = ef_construction
+        else:
+            raise ValueError(f"unknown index kind {kind!r}; choose flat or hnsw")
+        index.add(x)
+        return cls(index, [str(i) for i in ids], np.asarray(labels), class_names, kind, ef_search, model_sha256)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries [N, D] -> (cosine distances [N, k] ascending, gallery positions [N, k]); k is capped at the
+        gallery size."""
+        q = _unit(queries)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be [N, {self.dim}], got {q.shape}")
+        k = min(int(k), len(self))
+        sims, pos = self.index.search(q, k)
+        # Rounding can push 1 - similarity of a vector with itself just below 0.
+        return np.maximum(1.0 - sims, 0.0).astype(np.float32), pos
+
+    def save(self, root: str | Path) -> list[str]:
+        """Writes the index and its metadata into ``root``; returns the file names."""
+        faiss = _faiss()
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.index, str(root / INDEX_FILE))
+        meta = {"kind": self.kind, "dim": self.dim, "size": len(self), "ef_search": self.ef_search,
+                "metric": "inner_product_on_unit_vectors", "ids": self.ids, "labels": self.labels.tolist(),
+                "class_names": list(self.class_names) if self.class_names else None,
+                "model_sha256": self.model_sha256}
+        tmp = root / (META_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, root / META_FILE)
+        return [INDEX_FILE, META_FILE]
+
+    @classmethod
+    def load(cls, root: str | Path) -> "RetrievalIndex":
+        root = Path(root)
+        if not (root / INDEX_FILE).is_file() or not (root / META_FILE).is_file():
+            raise ArtifactError(f"{root} holds no gallery index ({INDEX_FILE}, {META_FILE})")
+        faiss = _faiss()
+        meta = json.loads((root / META_FILE).read_text())
+        index = faiss.read_index(str(root / INDEX_FILE))
+        return cls(index, meta["ids"], np.asarray(meta["labels"]), meta.get("class_names"), meta["kind"],
+                   int(meta.get("ef_search", 64)), meta.get("model_sha256"))

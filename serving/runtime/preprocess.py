@@ -1,0 +1,161 @@
+"""Turning request payloads into model inputs, driven by the model spec only.
+
+Every function returns float32 arrays [C, H, W] in [0, 1] with C, H, W from the spec, or raises a
+:class:`~serving.runtime.errors.RequestError` that says what was wrong. Limits are checked before work is done:
+the byte size before decoding, the pixel count from the image header before the pixels are decompressed.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from serving.runtime.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from serving.runtime.schemas import TensorInput
+from serving.runtime.spec import ModelSpec
+
+ACCEPTED_FORMATS = ("PNG", "JPEG")
+_MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
+
+
+def sniff_image(data: bytes | bytearray | memoryview) -> str | None:
+    """'PNG' or 'JPEG' when ``data`` starts with that format's signature, else None."""
+    head = bytes(data[:8])
+    for magic, fmt in _MAGIC.items():
+        if head.startswith(magic):
+            return fmt
+    return None
+
+
+def decode_image(data: bytes | bytearray, spec: ModelSpec, *, max_bytes: int, max_pixels: int) -> np.ndarray:
+    """PNG/JPEG bytes -> float32 [C, H, W] in [0, 1]: converted to the spec's channels (grayscale or RGB),
+    EXIF orientation applied, resized to the spec's input size when it differs (bilinear)."""
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}")
+    if len(data) == 0:
+        raise InvalidInput("empty image")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (and past twice its limit, raises) on decompression bombs; the pixel limit below is
+            # tighter, so the warning is turned into an error here only, never switched off globally.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(bytes(data)))
+            if img.format not in ACCEPTED_FORMATS:
+                raise UnsupportedMediaType(f"image format {img.format} is not accepted; send PNG or JPEG")
+            w, h = img.size
+            if w < 1 or h < 1:
+                raise InvalidInput(f"image has no pixels ({w}x{h})")
+            if w * h > max_pixels:
+                raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_array(img, spec)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise PayloadTooLarge(f"image too large: {e}") from None
+    except UnidentifiedImageError as e:
+        raise InvalidInput(f"cannot decode the image: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+        raise InvalidInput(f"cannot decode the image: {e}") from None
+
+
+def _to_array(img: Image.Image, spec: ModelSpec) -> np.ndarray:
+    if img.mode.startswith("I;16") or img.mode == "I":
+        # 16/32-bit grayscale: PIL's convert("L") clips instead of scaling.
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(1.0, float(a.max()))
+        img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if spec.channels == 1:
+        img = img.convert("L")
+    elif spec.channels == 3:
+        img = img.convert("RGB")
+    else:
+        raise InvalidInput(f"this model takes {spec.channels}-channel inputs: send a tensor, not an image")
+    h, w = spec.input_size
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.BILINEAR)
+    a = np.asarray(img, dtype=np.uint8)
+    if a.ndim == 2:
+        a = a[None]
+    else:
+        a = a.transpose(2, 0, 1)
+    return a.astype(np.float32) / np.float32(255.0)
+
+
+def decode_base64(s: str, max_bytes: int) -> bytes:
+    """Base64 (standard or URL-safe, optionally a ``data:...;base64,`` URL) -> bytes."""
+    if s.startswith("data:"):
+        head, sep, s = s.partition(",")
+        if not sep or ";base64" not in head:
+            raise InvalidInput("a data: URL must be base64-encoded ('data:image/png;base64,...')")
+    # 4 base64 characters carry 3 bytes; refuse before decoding anything too large.
+    if len(s) * 3 // 4 > max_bytes + 3:
+        raise PayloadTooLarge(f"image is about {len(s) * 3 // 4} bytes; the limit is {max_bytes}")
+    s = "".join(s.split())
+    try:
+        if "-" in s or "_" in s:
+            return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+        return base64.b64decode(s + "=" * (-len(s) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput("'image' is not valid base64") from None
+
+
+def image_from_base64(s: str, spec: ModelSpec, *, max_bytes: int, max_pixels: int) -> np.ndarray:
+    data = decode_base64(s, max_bytes)
+    if sniff_image(data) is None:
+        raise UnsupportedMediaType("'image' does not hold a PNG or JPEG")
+    return decode_image(data, spec, max_bytes=max_bytes, max_pixels=max_pixels)
+
+
+def expected_shape(spec: ModelSpec) -> tuple[int, int, int]:
+    return (spec.channels, spec.input_size[0], spec.input_size[1])
+
+
+def tensor_to_array(values: Any, shape: Sequence[int], dtype: str, spec: ModelSpec, *, max_images: int,
+                    what: str = "tensor") -> np.ndarray:
+    """Numbers with a declared shape -> float32 [N, C, H, W] in [0, 1].
+
+    ``shape`` is [C, H, W], [H, W] (one channel) or [N, C, H, W]; C, H, W must equal the spec's (a tensor is never
+    resized: the caller chose those numbers). float values must lie in [0, 1]; uint8 values in 0..255."""
+    c, h, w = expected_shape(spec)
+    shape = [int(s) for s in shape]
+    if any(s < 0 for s in shape):
+        raise InvalidInput(f"{what}: shape {shape} has a negative dimension")
+    if len(shape) == 2 and c == 1:
+        shape = [1, 1, *shape]
+    elif len(shape) == 3:
+        shape = [1, *shape]
+    if len(shape) != 4 or tuple(shape[1:]) != (c, h, w):
+        raise InvalidInput(f"{what}: shape {list(shape)} does not match the model's input [N, {c}, {h}, {w}]")
+    n = shape[0]
+    if n < 1:
+        raise InvalidInput(f"{what}: the batch is empty")
+    if n > max_images:
+        raise PayloadTooLarge(f"{what}: {n} images in one request; the limit is {max_images}")
+    want = math.prod(shape)
+    try:
+        a = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"{what}: data must be numbers (a flat or nested list)") from None
+    if a.size != want:
+        raise InvalidInput(f"{what}: {a.size} values for shape {shape} ({want} expected)")
+    a = a.reshape(shape)
+    if not np.isfinite(a).all():
+        raise InvalidInput(f"{what}: data holds NaN or infinite values")
+    if dtype == "uint8":
+        if a.min() < 0 or a.max() > 255 or not np.array_equal(a, np.round(a)):
+            raise InvalidInput(f"{what}: uint8 data must be integers in 0..255")
+        a = a / 255.0
+    elif a.min() < 0.0 or a.max() > 1.0:
+        raise InvalidInput(f"{what}: float data must lie in [0, 1] (pixel intensities), got "
+                           f"[{a.min():.4g}, {a.max():.4g}]")
+    return a.astype(np.float32)
+
+
+def tensor_input_to_array(t: TensorInput, spec: ModelSpec, *, max_images: int) -> np.ndarray:
+    return tensor_to_array(t.data, t.shape, t.dtype, spec, max_images=max_images)

@@ -1,0 +1,59 @@
+"""The probe set: held-out labelled images shipped with a model, with the outputs the exported artifact gave them.
+
+Served models run it at start-up (does this engine, on this machine, reproduce the export?), and it is the seed set
+for on-demand health probes (clean and attacked accuracy of the live model). File: ``probes.npz`` with
+``x`` uint8 [N, C, H, W], ``y`` int64 [N], ``expected`` float32 [N, K or D].
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PROBES_FILE = "probes.npz"
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    x: np.ndarray  # uint8 [N, C, H, W]
+    y: np.ndarray  # int64 [N]
+    expected: np.ndarray  # float32 [N, K] logits or [N, D] embeddings
+
+    def __post_init__(self):
+        if self.x.dtype != np.uint8 or self.x.ndim != 4:
+            raise ValueError(f"probe images must be uint8 [N, C, H, W], got {self.x.dtype} {self.x.shape}")
+        if not (len(self.x) == len(self.y) == len(self.expected)):
+            raise ValueError(f"probe set sizes differ: {len(self.x)} images, {len(self.y)} labels, "
+                             f"{len(self.expected)} expected outputs")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def images(self) -> np.ndarray:
+        """float32 [N, C, H, W] in [0, 1]: exactly what the artifact saw at export."""
+        return self.x.astype(np.float32) / np.float32(255.0)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, x=self.x, y=self.y.astype(np.int64), expected=self.expected.astype(np.float32))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ProbeSet":
+        with np.load(path, allow_pickle=False) as f:
+            return cls(x=f["x"], y=f["y"], expected=f["expected"])
+
+    def max_deviation(self, run, batch_size: int = 64) -> float:
+        """Largest |run(x) - expected| over the set; ``run`` maps float32 [B, C, H, W] -> [B, K or D]."""
+        worst = 0.0
+        xs = self.images()
+        for s in range(0, len(xs), batch_size):
+            out = np.asarray(run(xs[s:s + batch_size]), dtype=np.float32)
+            worst = max(worst, float(np.abs(out - self.expected[s:s + batch_size]).max()))
+        return worst

@@ -1,0 +1,149 @@
+"""Request and response schemas: the native JSON API, the KServe v2 inference protocol, and handler settings.
+
+Native requests (one image each; a server batches requests together):
+  classification  {"image": "<base64 PNG/JPEG>"} or {"tensor": {"shape": [C, H, W], "data": [...]}}, "top_k": 3
+  retrieval       the same input, "k": 10, "output": "neighbors" | "embedding" | "both"
+Raw PNG/JPEG bytes are accepted as the whole body too; ``top_k``/``k``/``output`` may then come as query parameters.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serving.runtime.spec import Frozen
+
+
+class _Request(BaseModel):
+    # Requests are not frozen (they are built once and read), but unknown keys are refused so a typo such as
+    # "topk" fails loudly instead of being ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorInput(_Request):
+    """One image as numbers: shape [C, H, W] (or [H, W] for one channel, or [1, C, H, W]); ``data`` flat or
+    nested, row-major. float32 values lie in [0, 1]; uint8 values in 0..255."""
+
+    shape: list[int] = Field(min_length=2, max_length=4)
+    data: list[Any]
+    dtype: Literal["float32", "uint8"] = "float32"
+
+
+class _ImageRequest(_Request):
+    image: Optional[str] = Field(None, description="base64 PNG or JPEG, optionally as a data: URL")
+    tensor: Optional[TensorInput] = None
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.image is None) == (self.tensor is None):
+            raise ValueError("give exactly one of 'image' (base64 PNG/JPEG) or 'tensor' ({shape, data})")
+        return self
+
+
+class ClassifyOptions(_Request):
+    """Options of a classification request: in the JSON body, as v2 ``parameters``, or as headers/form fields
+    beside raw image bytes."""
+
+    top_k: Optional[int] = Field(None, ge=1)
+
+
+class RetrieveOptions(_Request):
+    k: Optional[int] = Field(None, ge=1)
+    output: Literal["neighbors", "embedding", "both"] = "neighbors"
+
+
+class ClassifyRequest(ClassifyOptions, _ImageRequest):
+    pass
+
+
+class RetrieveRequest(RetrieveOptions, _ImageRequest):
+    pass
+
+
+class Prediction(Frozen):
+    index: int
+    label: str
+    probability: float
+
+
+class ClassificationResponse(Frozen):
+    model: str
+    predictions: list[Prediction]
+
+
+class Neighbor(Frozen):
+    id: str
+    label: int
+    label_name: Optional[str] = None
+    distance: float  # cosine distance, 1 - <q, g> on unit vectors: 0 identical, 2 opposite
+
+
+class RetrievalResponse(Frozen):
+    model: str
+    neighbors: Optional[list[Neighbor]] = None
+    embedding: Optional[list[float]] = None
+
+
+# --- KServe v2 (open inference protocol) ----------------------------------------------------------------------
+
+V2Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+                     "FP16", "FP32", "FP64", "BYTES"]
+
+
+class V2Tensor(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    shape: list[int]
+    datatype: V2Datatype
+    parameters: Optional[dict[str, Any]] = None
+    data: list[Any]
+
+
+class V2RequestedOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    parameters: Optional[dict[str, Any]] = None
+
+
+class V2Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    inputs: list[V2Tensor] = Field(min_length=1)
+    outputs: Optional[list[V2RequestedOutput]] = None
+
+
+class V2Response(BaseModel):
+    model_name: str
+    model_version: Optional[str] = None
+    id: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    outputs: list[V2Tensor]
+
+
+# --- Settings ---------------------------------------------------------------------------------------------------
+
+
+class ServiceSettings(Frozen):
+    """How a served model answers; read from the ``handler:`` section of an archive's ``model-config.yaml``."""
+
+    engine: Literal["onnx", "torchscript"] = "onnx"
+    fallback_to_torchscript: bool = True  # when ONNX Runtime is unusable here, serve the TorchScript twin
+    threads: int = Field(1, ge=1)  # intra-op threads per worker; workers scale out instead
+    top_k: int = Field(5, ge=1)
+    k: int = Field(10, ge=1)
+    max_k: int = Field(100, ge=1)
+    max_image_bytes: int = Field(4 << 20, ge=1)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_images_per_request: int = Field(64, ge=1)
+    self_test: bool = True  # run the probe set at start-up and refuse to serve on a mismatch
+    self_test_tolerance: float = Field(1e-4, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.k > self.max_k:
+            raise ValueError(f"k ({self.k}) exceeds max_k ({self.max_k})")
+        return self

@@ -1,0 +1,532 @@
+"""``robustserve serve | stop | status``: run TorchServe on a model store with safe defaults.
+
+``serve`` writes ``config.properties`` and ``metrics.yaml`` from a :class:`ServeConfig` into the work folder and
+starts TorchServe there, with its own temp folder (pid file, worker sockets, unpacked archives), so instances with
+different work folders and ports run side by side. Defaults: every listener (HTTP and gRPC) on 127.0.0.1, token
+authorization on, the model registration API off, ``allowed_urls`` limited to the local model store, Prometheus
+metrics, request and response size limits. ``serve`` returns once every model has a READY worker.
+
+Token authorization: TorchServe writes ``key_file.json`` into the work folder; every inference and management call
+(``/ping`` included) needs ``Authorization: Bearer <key>`` with the inference or management key. The metrics port
+needs none.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import Field, model_validator
+
+from serving.runtime.spec import Frozen
+
+log = logging.getLogger(__name__)
+
+KEY_FILE = "key_file.json"
+PID_FILE = ".model_server.pid"
+
+
+class Ports(Frozen):
+    inference: int = Field(8080, ge=1, le=65535)
+    management: int = Field(8081, ge=1, le=65535)
+    metrics: int = Field(8082, ge=1, le=65535)
+    grpc_inference: int = Field(7070, ge=1, le=65535)
+    grpc_management: int = Field(7071, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _distinct(self):
+        values = list(self.model_dump().values())
+        if len(set(values)) != len(values):
+            raise ValueError(f"ports must be distinct, got {self.model_dump()}")
+        return self
+
+
+class ServeConfig(Frozen):
+    model_store: str = "model_store"
+    models: tuple[str, ...] = ()  # archive names in the store (with or without .mar); empty: every archive
+    workdir: str = "runs/serve"  # config, logs, key file and temp folder of this instance
+    host: str = "127.0.0.1"  # inference, metrics and gRPC inference listeners
+    management_host: Optional[str] = None  # management and gRPC management; None: host
+    allow_non_loopback: bool = False  # binding beyond loopback (e.g. inside a container) must be asked for
+    ports: Ports = Ports()
+    token_auth: bool = True
+    token_expiration_min: int = Field(60, ge=1)
+    model_api: bool = False  # register/unregister over HTTP; off: only the archives named here are served
+    metrics_mode: Literal["prometheus", "log"] = "prometheus"
+    max_request_size: int = Field(6 << 20, ge=1024)  # bytes; the handler's own image limits are tighter
+    max_response_size: int = Field(6 << 20, ge=1024)
+    job_queue_size: int = Field(256, ge=1)
+    default_workers_per_model: int = Field(1, ge=1)
+    netty_threads: int = Field(0, ge=0)  # 0: TorchServe's default (one per core)
+    response_timeout_s: int = Field(120, ge=1)
+    ready_timeout_s: float = Field(180.0, gt=0)
+    java_heap: Optional[str] = None  # e.g. "1g": -Xmx for the frontend
+    stop_timeout_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        for h in (self.host, self.management_host or self.host):
+            if not self.allow_non_loopback and not is_loopback(h):
+                raise ValueError(f"host {h!r} is not a loopback address; set allow_non_loopback=true to expose "
+                                 f"the listeners beyond this machine (and keep token_auth on)")
+        if self.java_heap is not None and not re.fullmatch(r"\d+[kKmMgG]?", self.java_heap):
+            raise ValueError(f"java_heap must look like 512m or 2g, got {self.java_heap!r}")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --- files ---------------------------------------------------------------------------------------------------------
+
+
+def _url(cfg: ServeConfig, port: int, host: Optional[str] = None) -> str:
+    host = host or cfg.host
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"  # a wildcard listener is reached through loopback from this machine
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}"
+
+
+def _listen(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def archives(cfg: ServeConfig) -> list[Path]:
+    store = Path(cfg.model_store)
+    if not store.is_dir():
+        raise FileNotFoundError(f"model store not found: {store} (build archives with `robustserve archive`)")
+    if cfg.models:
+        paths = [store / (m if m.endswith(".mar") else f"{m}.mar") for m in cfg.models]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"archive(s) not found: {', '.join(missing)}")
+        return paths
+    paths = sorted(store.glob("*.mar"))
+    if not paths:
+        raise FileNotFoundError(f"no .mar archives in {store} (build them with `robustserve archive`)")
+    return paths
+
+
+def config_properties(cfg: ServeConfig) -> str:
+    store = Path(cfg.model_store).resolve()
+    work = Path(cfg.workdir).resolve()
+    p = cfg.ports
+    mhost = cfg.management_host or cfg.host
+    props: dict[str, Any] = {
+        "inference_address": _listen(cfg.host, p.inference),
+        "management_address": _listen(mhost, p.management),
+        "metrics_address": _listen(cfg.host, p.metrics),
+        # gRPC listeners start whether or not they are configured: pin them to the same hosts.
+        "grpc_inference_address": cfg.host,
+        "grpc_inference_port": p.grpc_inference,
+        "grpc_management_address": mhost,
+        "grpc_management_port": p.grpc_management,
+        "model_store": store,
+        "workflow_store": store,
+        "load_models": ",".join(a.name for a in archives(cfg)),
+        "disable_token_authorization": str(not cfg.token_auth).lower(),
+        "token_expiration_min": cfg.token_expiration_min,
+        "enable_model_api": str(cfg.model_api).lower(),
+        # Only archives from the local store; never a remote URL.
+        "allowed_urls": "file://" + re.escape(str(store)) + "/[^/]+\\.mar",
+        "metrics_mode": cfg.metrics_mode,
+        "metrics_config": work / "metrics.yaml",
+        "max_request_size": cfg.max_request_size,
+        "max_response_size": cfg.max_response_size,
+        "job_queue_size": cfg.job_queue_size,
+        "default_workers_per_model": cfg.default_workers_per_model,
+        "default_response_timeout": cfg.response_timeout_s,
+        "install_py_dep_per_model": "false",
+        "enable_envvars_config": "false",
+    }
+    if cfg.netty_threads:
+        props["number_of_netty_threads"] = cfg.netty_threads
+    if cfg.java_heap:
+        props["vmargs"] = f"-Xmx{cfg.java_heap} -XX:+ExitOnOutOfMemoryError"
+    lines = ["# Written by `robustserve serve` from its ServeConfig; edit the config, not this file."]
+    lines += [f"{k}={_escape(str(v))}" for k, v in props.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _escape(v: str) -> str:
+    # Java properties treat a backslash as an escape: double it so regexes survive.
+    return v.replace("\\", "\\\\")
+
+
+# Custom metrics the handlers emit; TorchServe drops model metrics that metrics.yaml does not declare.
+HANDLER_METRICS = {
+    "counter": [{"name": "InvalidRequests", "unit": "Count"}, {"name": "InferredImages", "unit": "Count"}],
+    "gauge": [{"name": "HandlerTime", "unit": "ms"}, {"name": "PredictionTime", "unit": "ms"},
+              {"name": "DecodeTime", "unit": "ms"}, {"name": "InferenceTime", "unit": "ms"}],
+}
+
+
+def metrics_yaml() -> str:
+    host = ["Level", "Hostname"]
+    model = ["model_name", "model_version", "hostname"]
+    doc = {
+        "dimensions": ["ModelName", "WorkerName", "Level", "DeviceId", "Hostname"],
+        "ts_metrics": {
+            "counter": [{"name": n, "unit": "Count", "dimensions": host}
+                        for n in ("Requests2XX", "Requests4XX", "Requests5XX")]
+            + [{"name": "ts_inference_requests_total", "unit": "Count", "dimensions": model},
+               {"name": "ts_inference_latency_microseconds", "unit": "Microseconds", "dimensions": model},
+               {"name": "ts_queue_latency_microseconds", "unit": "Microseconds", "dimensions": model}],
+            "gauge": [{"name": "QueueTime", "unit": "Milliseconds", "dimensions": host},
+                      {"name": "WorkerThreadTime", "unit": "Milliseconds", "dimensions": host},
+                      {"name": "WorkerLoadTime", "unit": "Milliseconds", "dimensions": ["WorkerName", *host]},
+                      {"name": "CPUUtilization", "unit": "Percent", "dimensions": host},
+                      {"name": "MemoryUsed", "unit": "Megabytes", "dimensions": host},
+                      {"name": "MemoryAvailable", "unit": "Megabytes", "dimensions": host},
+                      {"name": "MemoryUtilization", "unit": "Percent", "dimensions": host},
+                      {"name": "DiskUsage", "unit": "Gigabytes", "dimensions": host},
+                      {"name": "DiskUtilization", "unit": "Percent", "dimensions": host},
+                      {"name": "DiskAvailable", "unit": "Gigabytes", "dimensions": host},
+                      {"name": "GPUMemoryUtilization", "unit": "Percent", "dimensions": ["Level", "DeviceId", "Hostname"]},
+                      {"name": "GPUMemoryUsed", "unit": "Megabytes", "dimensions": ["Level", "DeviceId", "Hostname"]},
+                      {"name": "GPUUtilization", "unit": "Percent", "dimensions": ["Level", "DeviceId", "Hostname"]}],
+        },
+        "model_metrics": {kind: [{**m, "dimensions": ["ModelName", "Level"]} for m in ms]
+                          for kind, ms in HANDLER_METRICS.items()},
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+# --- process -------------------------------------------------------------------------------------------------------
+
+
+class Instance:
+    """The files of one TorchServe instance in its work folder."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.work = Path(cfg.workdir).resolve()
+        self.tmp = self.work / "tmp"
+        self.logs = self.work / "logs"
+        self.key_file = self.work / KEY_FILE
+        self.pid_file = self.tmp / PID_FILE
+
+    def pid(self) -> Optional[int]:
+        """The frontend's pid when it is alive, else None."""
+        try:
+            pid = int(self.pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if _is_torchserve(pid) else None
+
+    def keys(self) -> dict[str, str]:
+        """{"inference": key, "management": key} or {} when token auth is off or the file is not there yet."""
+        try:
+            data = json.loads(self.key_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {k: data[k]["key"] for k in ("inference", "management") if isinstance(data.get(k), dict)}
+
+    def headers(self, api: str) -> dict[str, str]:
+        key = self.keys().get(api)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def url(self, api: str) -> str:
+        """Where this machine reaches the ``inference``, ``management`` or ``metrics`` listener."""
+        p = self.cfg.ports
+        if api == "management":
+            return _url(self.cfg, p.management, self.cfg.management_host)
+        return _url(self.cfg, p.inference if api == "inference" else p.metrics)
+
+    def get(self, api: str, path: str, timeout: float = 5.0) -> tuple[int, Any]:
+        req = urllib.request.Request(self.url(api) + path, headers=self.headers(api))
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                body = r.read()
+                status = r.status
+        except urllib.error.HTTPError as e:
+            body, status = e.read(), e.code
+        try:
+            return status, json.loads(body or b"null")
+        except ValueError:
+            return status, body.decode("utf-8", "replace")
+
+
+def _is_torchserve(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True  # no /proc (macOS): trust the pid file
+    return b"org.pytorch.serve.ModelServer" in cmdline
+
+
+def _port_free(host: str, port: int) -> bool:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _torchserve_exe() -> str:
+    exe = Path(sys.executable).with_name("torchserve")
+    return str(exe) if exe.exists() else "torchserve"
+
+
+def start(cfg: ServeConfig) -> Instance:
+    """Starts TorchServe and waits until every model has a READY worker; stops it again on failure."""
+    inst = Instance(cfg)
+    if not cfg.token_auth and not is_loopback(cfg.host):
+        log.warning("token authorization is off and %s is not loopback: anyone who reaches it can call it", cfg.host)
+    if inst.pid() is not None:
+        raise RuntimeError(f"TorchServe already runs from {inst.work} (pid {inst.pid()}); `robustserve stop` first")
+    mars = archives(cfg)
+    mhost = cfg.management_host or cfg.host
+    busy = [f"{n}={p}" for n, p in cfg.ports.model_dump().items()
+            if not _port_free(mhost if n.endswith("management") else cfg.host, p)]
+    if busy:
+        raise RuntimeError(f"port(s) in use on {cfg.host}: {', '.join(busy)}; choose others with --set ports.<name>=")
+    for d in (inst.work, inst.tmp, inst.logs):
+        d.mkdir(parents=True, exist_ok=True)
+    inst.key_file.unlink(missing_ok=True)
+    (inst.work / "config.properties").write_text(config_properties(cfg))
+    (inst.work / "metrics.yaml").write_text(metrics_yaml())
+    env = {**os.environ, "TMPDIR": str(inst.tmp), "TEMP": str(inst.tmp), "TMP": str(inst.tmp),
+           "LOG_LOCATION": str(inst.logs), "METRICS_LOCATION": str(inst.logs)}
+    # TorchServe would take its config from TS_CONFIG_FILE over --ts-config: the file written here must win.
+    env.pop("TS_CONFIG_FILE", None)
+    cmd = [_torchserve_exe(), "--start", "--ncs", "--ts-config", str(inst.work / "config.properties"),
+           "--model-store", str(Path(cfg.model_store).resolve())]
+    with open(inst.logs / "console.log", "ab") as out:
+        # Its own session: the server outlives this command and a Ctrl-C here does not reach it.
+        proc = subprocess.Popen(cmd, cwd=inst.work, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc.wait(timeout=60)
+    try:
+        wait_ready(inst, [m.stem for m in mars], cfg.ready_timeout_s)
+    except BaseException:
+        stop(cfg)
+        raise
+    return inst
+
+
+def wait_ready(inst: Instance, models: list[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(models)
+    last = ""
+    while time.monotonic() < deadline:
+        if inst.pid() is None and time.monotonic() > deadline - timeout + 5:
+            raise RuntimeError(f"TorchServe exited during start-up; see {inst.logs}/console.log and "
+                               f"{inst.logs}/model_log.log\n{_tail(inst.logs / 'console.log')}")
+        if inst.cfg.token_auth and not inst.keys():
+            time.sleep(0.3)
+            continue
+        still = []
+        for m in pending:
+            try:
+                status, body = inst.get("management", f"/models/{m}")
+            except OSError as e:
+                still.append(m)
+                last = str(e)
+                continue
+            if status == 200 and any(w.get("status") == "READY" for d in body for w in d.get("workers", [])):
+                continue
+            last = f"{m}: HTTP {status} {str(body)[:200]}"
+            still.append(m)
+        pending = still
+        if not pending:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"models not ready after {timeout:.0f} s: {pending} ({last}); see "
+                       f"{inst.logs}/model_log.log\n{_tail(inst.logs / 'model_log.log')}")
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def stop(cfg: ServeConfig) -> bool:
+    """Stops the instance of ``cfg.workdir`` and waits until the frontend and its workers are gone.
+    Returns False when none was running."""
+    inst = Instance(cfg)
+    pid = inst.pid()
+    if pid is None:
+        inst.pid_file.unlink(missing_ok=True)
+        return False
+    children = _children(pid)
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + cfg.stop_timeout_s
+    while time.monotonic() < deadline and _alive([pid, *children]):
+        time.sleep(0.2)
+    left = _alive([pid, *children])
+    for p in left:
+        log.warning("pid %d did not exit after %.0f s; killing it", p, cfg.stop_timeout_s)
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+    while _alive(left):
+        time.sleep(0.1)
+    inst.pid_file.unlink(missing_ok=True)
+    inst.key_file.unlink(missing_ok=True)
+    return True
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        import psutil
+
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except Exception:  # psutil missing or the process just went: nothing more to wait for
+        return []
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for p in pids:
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+            if stat.rsplit(")", 1)[1].split()[0] != "Z":
+                alive.append(p)
+        except OSError:
+            try:
+                os.kill(p, 0)
+                alive.append(p)
+            except OSError:
+                pass
+    return alive
+
+
+def status(cfg: ServeConfig) -> dict[str, Any]:
+    """{"running": bool, "pid", "models": {name: {"version", "ready", "workers": [...]}}}."""
+    inst = Instance(cfg)
+    pid = inst.pid()
+    if pid is None:
+        return {"running": False, "workdir": str(inst.work), "models": {}}
+    code, listing = inst.get("management", "/models")
+    if code != 200:
+        return {"running": True, "pid": pid, "workdir": str(inst.work), "error": f"HTTP {code}: {listing}",
+                "models": {}}
+    models = {}
+    for entry in listing.get("models", []):
+        name = entry["modelName"]
+        code, desc = inst.get("management", f"/models/{name}")
+        if code != 200:
+            models[name] = {"ready": False, "error": f"HTTP {code}"}
+            continue
+        for d in desc:
+            workers = [{"id": w.get("id"), "status": w.get("status"), "pid": w.get("pid"), "gpu": w.get("gpu")}
+                       for w in d.get("workers", [])]
+            models[name] = {"version": d.get("modelVersion"), "batch_size": d.get("batchSize"),
+                            "max_batch_delay_ms": d.get("maxBatchDelay"),
+                            "min_workers": d.get("minWorkers"), "max_workers": d.get("maxWorkers"),
+                            "workers": workers, "ready": any(w["status"] == "READY" for w in workers)}
+    return {"running": True, "pid": pid, "workdir": str(inst.work), "models": models}
+
+
+def describe_access(inst: Instance) -> str:
+    cfg = inst.cfg
+    inf = _url(cfg, cfg.ports.inference)
+    lines = [f"inference:  {inf}   management: {_url(cfg, cfg.ports.management, cfg.management_host)}   "
+             f"metrics: {_url(cfg, cfg.ports.metrics)}/metrics (no token)",
+             f"gRPC:       {cfg.host}:{cfg.ports.grpc_inference} (inference), "
+             f"{cfg.host}:{cfg.ports.grpc_management} (management)",
+             f"logs:       {inst.logs}"]
+    if cfg.token_auth:
+        lines += [f"keys:       {inst.key_file} (inference and management keys; they expire after "
+                  f"{cfg.token_expiration_min} min)",
+                  "send:       -H \"Authorization: Bearer $(jq -r .inference.key " + str(inst.key_file) + ")\"",
+                  f"example:    curl -H \"Authorization: Bearer <inference key>\" -H \"Content-Type: image/png\" "
+                  f"--data-binary @image.png "
+                  f"{inf}/predictions/<model>"]
+    else:
+        lines.append("token authorization is OFF: anyone who reaches these ports can call them")
+    return "\n".join(lines)
+
+
+# --- container entry point ---------------------------------------------------------------------------------------
+
+
+def run_foreground(cfg: ServeConfig) -> int:
+    """Starts the server and stays until it exits or this process is asked to stop (SIGTERM/SIGINT), then stops
+    it: the shape a container's main process needs."""
+    inst = start(cfg)
+    log.info("serving %s\n%s", [m for m in status(cfg)["models"]], describe_access(inst))
+    stopping = []
+
+    def on_signal(signum, frame):
+        stopping.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        while not stopping and inst.pid() is not None:
+            time.sleep(1.0)
+    finally:
+        stop(cfg)
+    return 0 if stopping else 1
+
+
+def healthy(cfg: ServeConfig) -> bool:
+    """Every model has a READY worker and /ping answers with the inference key."""
+    try:
+        st = status(cfg)
+        if not st["running"] or not st["models"] or not all(m.get("ready") for m in st["models"].values()):
+            return False
+        code, _ = Instance(cfg).get("inference", "/ping")
+    except OSError:  # not listening yet, or gone
+        return False
+    return code == 200
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m serving.serve {run|health|stop} [--config FILE] [--set key=value ...]``"""
+    import argparse
+
+    from serving.configio import ConfigError, load_config
+
+    p = argparse.ArgumentParser(prog="python -m serving.serve", description=main.__doc__)
+    p.add_argument("action", choices=("run", "health", "stop"))
+    p.add_argument("--config")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(ServeConfig, args.config, args.overrides)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    if args.action == "run":
+        return run_foreground(cfg)
+    if args.action == "health":
+        return 0 if healthy(cfg) else 1
+    stop(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""One real TorchServe for the whole integration folder: a briefly trained SmallCNN classifier (served twice: ONNX
+and TorchScript engines) and an untrained C2F2 embedder with a small gallery, on free loopback ports, with its own
+work and temp folders, token authorization on; readiness is polled through the management API and the server is
+always stopped, also when a test or the start-up fails."""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+from serving.serve import Instance, ServeConfig, start, stop
+from tests.unit.serving.builders import archive_small, export_small, write_untrained_checkpoint
+
+BATCH_DELAY_MS = 50  # generous, so concurrent requests reliably meet in one batch on a loaded 2-core machine
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class Response:
+    status: int
+    body: Any
+    headers: dict[str, str]
+
+
+class Server:
+    def __init__(self, inst: Instance, root: Path, exports: dict[str, Path], store: Path):
+        self.inst = inst
+        self.cfg = inst.cfg
+        self.root = root
+        self.exports = exports
+        self.store = store
+
+    def request(self, method: str, path: str, body: Optional[bytes] = None, headers: Optional[dict] = None,
+                api: str = "inference", token: bool = True, timeout: float = 60) -> Response:
+        port = {"inference": self.cfg.ports.inference, "management": self.cfg.ports.management,
+                "metrics": self.cfg.ports.metrics}[api]
+        h = dict(headers or {})
+        if token and api != "metrics":
+            h.update(self.inst.headers(api))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=h)
+            r = conn.getresponse()
+            raw = r.read()
+            hdrs = {k.lower(): v for k, v in r.getheaders()}
+        finally:
+            conn.close()
+        try:
+            parsed = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = raw.decode("utf-8", "replace")
+        return Response(r.status, parsed, hdrs)
+
+    def predict(self, model: str, png: bytes, headers: Optional[dict] = None, **kw) -> Response:
+        return self.request("POST", f"/predictions/{model}", png,
+                            {"Content-Type": "image/png", **(headers or {})}, **kw)
+
+    def post_json(self, path: str, doc: Any, **kw) -> Response:
+        return self.request("POST", path, json.dumps(doc).encode(), {"Content-Type": "application/json"}, **kw)
+
+    def gallery_dir(self, model: str) -> Path:
+        dest = self.root / "unpacked" / model
+        if not dest.exists():
+            with zipfile.ZipFile(self.store / f"{model}.mar") as z:
+                z.extractall(dest)
+        return dest
+
+
+@pytest.fixture(scope="session")
+def trained_classifier(tmp_path_factory) -> Path:
+    """SmallCNN trained with the standard method for a few hundred steps: accurate enough that its answers mean
+    something, cheap enough for a test."""
+    from training.config import DataConfig, MethodConfig, ModelConfig, TrainConfig
+    from training.trainer import train
+
+    out = tmp_path_factory.mktemp("train") / "smallcnn"
+    cfg = TrainConfig(data=DataConfig(name="fashion-mnist"), model=ModelConfig(arch="smallcnn"),
+                      method=MethodConfig(name="standard"), epochs=1, batch_size=64, max_steps_per_epoch=300,
+                      eval_every=0, out_dir=str(out), resume=False, device="cpu")
+    return train(cfg) / "model.pt"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, trained_classifier):
+    root = tmp_path_factory.mktemp("integration")
+    store = root / "model_store"
+    clf_export = export_small(trained_classifier, root / "exports" / "clf", parity_points=16, probe_points=64)
+    emb_ckpt = write_untrained_checkpoint(root / "emb" / "model.pt", "c2f2")
+    emb_export = export_small(emb_ckpt, root / "exports" / "ret")
+    batching = dict(batch_size=16, max_batch_delay_ms=BATCH_DELAY_MS)
+    archive_small(clf_export, store, "clf", **batching)
+    archive_small(clf_export, store, "clf-ts", service={"engine": "torchscript"}, **batching)
+    archive_small(emb_export, store, "ret", gallery={"subset": 1000}, **batching)
+    ports = free_ports(5)
+    cfg = ServeConfig(model_store=str(store), workdir=str(root / "serve"),
+                      ports=dict(zip(("inference", "management", "metrics", "grpc_inference", "grpc_management"),
+                                     ports)),
+                      ready_timeout_s=150)
+    try:
+        inst = start(cfg)
+        yield Server(inst, root, {"clf": clf_export, "ret": emb_export}, store)
+    finally:
+        stop(cfg)

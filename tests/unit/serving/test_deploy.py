@@ -1,0 +1,94 @@
+"""The Dockerfile and the KServe layout cannot be run here (no Docker engine, no cluster): check their essentials
+by parsing them."""
+import json
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+
+from serving.serve import ServeConfig, is_loopback
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def dockerfile_instructions():
+    text = (ROOT / "Dockerfile").read_text()
+    text = re.sub(r"\\\n", " ", text)  # join continuation lines
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_essentials():
+    ins = dockerfile_instructions()
+    words = [w for w, _ in ins]
+    args = {r.split("=")[0] for w, r in ins if w == "ARG"}
+    assert {"BASE_IMAGE", "CUDA"} <= args
+    assert ins[words.index("FROM")][1] == "${BASE_IMAGE}"
+    run = " ".join(r for w, r in ins if w == "RUN")
+    assert "torch==2.13.0" in run and "download.pytorch.org/whl/cpu" in run  # CPU by default
+    assert 'if [ "$CUDA" = "1" ]' in run and "onnxruntime-gpu" in run
+    assert "torchserve==0.12.0" in run and "openjdk-17-jre-headless" in run
+    copies = [r for w, r in ins if w == "COPY"]
+    assert not any(c.startswith(". ") or "training" in c or "tests" in c for c in copies)
+    assert any("handlers/" in c for c in copies) and any("serving/runtime/" in c for c in copies)
+    users = [r for w, r in ins if w == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    assert words.index("USER") < words.index("ENTRYPOINT")
+    assert "HEALTHCHECK" in words and "CMD" in ins[words.index("HEALTHCHECK")][1]
+    assert any("/models" in r for w, r in ins if w == "VOLUME")
+    exposed = " ".join(r for w, r in ins if w == "EXPOSE").split()
+    assert "8080" in exposed and "8081" not in exposed  # management stays inside the container
+
+
+def test_container_serve_config_is_valid_and_safe():
+    ins = dockerfile_instructions()
+    run = next(r for w, r in ins if w == "RUN" and "serve.yaml" in r)
+    lines = shlex.split(run.split("printf '%s\\n'", 1)[1].split(">", 1)[0])
+    cfg = ServeConfig.model_validate(yaml.safe_load("\n".join(lines)))
+    assert cfg.model_store == "/models" and cfg.token_auth and not cfg.model_api
+    assert is_loopback(cfg.management_host)
+    # The model store is mounted read-only: nothing may be written under it.
+    assert not cfg.workdir.startswith("/models")
+
+
+def test_dockerignore_keeps_data_and_secrets_out():
+    lines = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".venv/", "runs/", "training/", "model_store/", "**/key_file.json"} <= lines
+
+
+def properties(path):
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            k, v = line.split("=", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+def test_kserve_layout():
+    base = ROOT / "deploy" / "kserve"
+    assert (base / "model-store").is_dir()
+    p = properties(base / "config" / "config.properties")
+    assert p["model_store"] == "/mnt/models/model-store"
+    for key in ("inference_address", "management_address"):
+        assert p[key].startswith("http://127.0.0.1:"), key
+    assert p["grpc_inference_address"] == p["grpc_management_address"] == "127.0.0.1"
+    assert "service_envelope" not in p  # the handlers speak v2 themselves, batch-safely
+    assert p["enable_model_api"] == "false" and p["metrics_mode"] == "prometheus"
+    assert p["allowed_urls"].startswith("file:///mnt/models/model-store/")
+    snap = json.loads(p["model_snapshot"])
+    assert snap["modelCount"] == len(snap["models"]) == 2
+    for name, versions in snap["models"].items():
+        for v in versions.values():
+            assert v["marName"] == f"{name}.mar" and v["batchSize"] >= 1
+    isvc = yaml.safe_load((base / "inferenceservice.yaml").read_text())
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["protocolVersion"] == "v2" and model["modelFormat"]["name"] == "pytorch"
+    assert model["storageUri"]
