@@ -100,4 +100,5 @@ class EvaluateConfig(Frozen):
     device: str = "auto"
     out_dir: Optional[str] = None  # None: beside the checkpoint
     sanity_checks: bool = True
+    profile: Optional[Literal["rob28", "rob224"]] = None  # embedders' ranking-attack profile; None: by input size
     num_threads: Optional[int] = None

@@ -102,6 +102,22 @@ def clean_accuracy(model: nn.Module, dataset, device: torch.device, batch_size: 
     return correct / max(1, len(dataset))
 
 
+def check_replicas(model: nn.Module, tol: float = 1e-4) -> None:
+    """Raise on every rank when the ranks' weights differ: a method that updates parameters outside DDP, or
+    ranks that started from different weights (e.g. a teacher loaded on one rank only), fail loudly here instead
+    of silently training divergent models of which only rank 0's is saved."""
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()]).double()
+    mine = torch.stack([flat.sum(), flat.abs().sum(), (flat * torch.linspace(0, 1, len(flat), device=flat.device,
+                                                                               dtype=flat.dtype)).sum()])
+    ref = mine.clone()
+    dist.broadcast(ref, 0)
+    gap = ((mine - ref).abs() / ref.abs().clamp_min(1.0)).max().reshape(1)
+    dist.all_reduce(gap, op=dist.ReduceOp.MAX)
+    if gap.item() > tol:
+        raise RuntimeError(f"DDP replicas diverged (relative weight-fingerprint gap {gap.item():.3g}); "
+                           "every parameter update must go through the DDP-wrapped module")
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train per ``cfg``; returns the output folder holding ``model.pt``, ``last.pt``, ``config.yaml``,
     ``metrics.jsonl``. Under torchrun, every rank trains its shard and rank 0 writes."""
@@ -111,11 +127,16 @@ def train(cfg: TrainConfig) -> Path:
 
     rank, world, local_rank = _dist_env()
     device = resolve_device(cfg.device)
+    owns_group = False
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # A caller that trains several models in one torchrun job initialises the group once itself: re-initialising
+        # after destroy_process_group hangs under torchrun's agent store.
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            owns_group = True
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out = Path(cfg.out_dir)
@@ -134,7 +155,9 @@ def train(cfg: TrainConfig) -> Path:
     task = model_task(cfg.model.arch)
     arch_options = model_options(cfg, train_set, task)
     model, spec = build_model(cfg.model.arch, **arch_options)
-    robust = cfg.method.name != "standard"
+    from training.methods import method_class
+
+    robust = method_class(cfg.method.name).adversarial
     spec = spec.model_copy(update={"method": cfg.method.name, "threat_model": cfg.method.attack if robust else None})
     model.to(device)
 
@@ -217,7 +240,8 @@ def train(cfg: TrainConfig) -> Path:
                          "method_state": method.state_dict(), "rng": {"generator": generator.get_state(),
                                                                       "torch": torch.get_rng_state()}}, last)
         if world > 1:
+            check_replicas(model)
             dist.barrier()
-    if world > 1:
+    if owns_group:
         dist.destroy_process_group()
     return out

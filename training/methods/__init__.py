@@ -8,3 +8,5 @@ from training.methods.base import (  # noqa: F401
     register_method,
 )
 from training.methods import standard  # noqa: F401  (registers)
+from training.methods import pgd_at, trades, agkd_bml  # noqa: F401,E402  (register)
+from training.methods import triplet, est, act, hm  # noqa: F401,E401  (register the embedder methods)

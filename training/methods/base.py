@@ -28,6 +28,8 @@ class TrainingMethod:
     name: ClassVar[str] = ""
     Options: ClassVar[Type[Frozen]] = NoOptions
     task: ClassVar[str] = "classification"
+    # Whether the method trains against a threat model; only then does the exported spec claim one.
+    adversarial: ClassVar[bool] = True
 
     def __init__(self, cfg: MethodConfig, *, spec: ModelSpec, train_set: Any, device: torch.device,
                  generator: torch.Generator, rank: int = 0, world_size: int = 1, **context: Any):

@@ -15,6 +15,7 @@ class StandardOptions(Frozen):
 @register_method("standard")
 class Standard(TrainingMethod):
     Options = StandardOptions
+    adversarial = False
 
     def training_step(self, net, model, x, y):
         logits = net(x)

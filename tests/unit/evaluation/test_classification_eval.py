@@ -37,7 +37,7 @@ def test_cascade_is_worst_case_per_point(points):
     cum, robust, _ = cascade(model, suite, x, y, eps, seed=0, batch_size=128)
     values = list(cum.values())
     assert all(a >= b for a, b in zip(values, values[1:])), cum
-    assert abs(values[-1] - robust.float().mean().item()) < 1e-9
+    assert abs(values[-1] - robust.float().mean().item()) < 1e-6
     # Every attack alone leaves at least as many robust points as the cascade: the cascade is the worst case.
     for a in suite:
         alone = run_attack_on(model, a, x, y, eps, seed=0, batch_size=128).float().mean().item()

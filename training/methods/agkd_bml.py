@@ -1,0 +1,111 @@
+"""AGKD-BML (Wang et al., ICCV 2021): attention-guided knowledge distillation from a frozen clean teacher plus
+bi-directional metric learning, on top of label-smoothed CE + MART. The algorithm is SPEC.md section 1."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from serving.runtime.spec import Frozen
+from training.attacks import LpBall, eval_mode, targeted_pgd
+from training.data import augment_batch, sample_class_images
+from training.losses import attention_distillation, bml_triplet_loss, mart_loss, smoothed_cross_entropy
+from training.methods.base import TrainingMethod, register_method
+
+log = logging.getLogger(__name__)
+
+
+class AGKDBMLOptions(Frozen):
+    teacher: str  # a `standard` checkpoint (model.pt) of the same architecture
+    init_from_teacher: bool = True
+    label_smoothing: float = Field(0.5, ge=0.0, lt=1.0)
+    mart_beta: float = Field(6.0, ge=0.0)
+    margin: float = Field(0.03, ge=0.0)  # triplet margin on the angular distance
+    feature_l2: float = Field(0.001, ge=0.0)  # weight of the pooled features' squared norm in L_bml
+    # L = w_ce * L_ce + w_mart * L_mart + w_at * L_at + w_bml * L_bml; the published weights are 1, 1, 1, 2.
+    w_ce: float = Field(1.0, ge=0.0)
+    w_mart: float = Field(1.0, ge=0.0)
+    w_at: float = Field(1.0, ge=0.0)
+    w_bml: float = Field(2.0, ge=0.0)
+    augment_backward: Optional[bool] = None  # augment the backward AE's source image; None: as data.augment
+
+
+def most_confusing_class(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """argmax over k != y of ``logits`` [B, K]: the class each sample is closest to confusing y with -> [B]."""
+    return logits.detach().scatter(1, y[:, None], float("-inf")).argmax(dim=1)
+
+
+def backward_sources(train_set, classes: torch.Tensor, generator: Optional[torch.Generator], augment: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each class in ``classes`` [B], a uniformly drawn training image of that class, augmented as the loader
+    does. Returns (x' [B, C, H, W] in [0, 1] on ``classes``' device, y' [B], dataset indices [B])."""
+    idx = sample_class_images(train_set, classes.cpu(), generator)
+    xs, ys = train_set.get(idx)
+    if augment:
+        xs = augment_batch(xs, train_set.crop_padding, train_set.hflip, generator)
+    return xs.to(classes.device), ys.to(classes.device), idx
+
+
+def forward_backward_aes(model: nn.Module, x: torch.Tensor, c: torch.Tensor, xs: torch.Tensor, y: torch.Tensor,
+                         ball: LpBall, steps: int, generator: Optional[torch.Generator]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward AE (x toward c) and the backward AE (x' toward y) from one batched targeted PGD run.
+
+    Equal to two separate runs drawing from the same generator in that order (targeted_pgd is batch-consistent).
+    x, xs: [B, C, H, W]; c, y: [B] -> (x_f, x_b), each [B, C, H, W].
+    """
+    adv = targeted_pgd(model, torch.cat([x, xs]), torch.cat([c, y]), ball, steps, generator=generator)
+    return adv[: len(x)], adv[len(x):]
+
+
+@register_method("agkd-bml")
+class AGKDBML(TrainingMethod):
+    Options = AGKDBMLOptions
+
+    def setup(self, model: nn.Module) -> None:
+        from training.checkpoint import load_model
+
+        path = Path(self.options.teacher)
+        teacher, tspec, _ = load_model(path, map_location=self.device)
+        if tspec.arch != self.spec.arch:
+            raise ValueError(f"teacher {path} is a {tspec.arch}, the student a {self.spec.arch}: AGKD-BML needs the "
+                             "same architecture")
+        if tspec.method not in (None, "standard"):
+            log.warning("teacher %s was trained with %r; AGKD-BML expects a clean (standard) teacher",
+                        path, tspec.method)
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        if self.options.init_from_teacher:
+            model.load_state_dict(teacher.state_dict())
+        cfg = self.context.get("train_config")
+        augment = self.options.augment_backward
+        self.augment_backward = bool(cfg.data.augment if augment is None and cfg is not None else augment)
+        self.ball = LpBall.from_threat(self.cfg.attack)
+
+    def training_step(self, net, model, x, y):
+        o = self.options
+        with torch.no_grad(), eval_mode(model):
+            c = most_confusing_class(model(x), y)
+        xs, _, _ = backward_sources(self.train_set, c, self.generator, self.augment_backward)
+        x_f, x_b = forward_backward_aes(model, x, c, xs, y, self.ball, self.cfg.attack_steps, self.generator)
+
+        b = len(x)
+        # One student pass over the mixed batch (BatchNorm statistics over [x_f, x, x_b], as published).
+        fmap, pooled, logits = net(torch.cat([x_f, x, x_b]), "features")
+        with torch.no_grad():
+            t_fmap = self.teacher.features(torch.cat([x, xs]))[0]
+        logits_f, logits_x = logits[:b], logits[b:2 * b]
+        z_f, z_x, z_b = pooled[:b], pooled[b:2 * b], pooled[2 * b:]
+
+        l_ce = smoothed_cross_entropy(logits_f, y, o.label_smoothing)
+        l_mart = mart_loss(logits_f, logits_x, y, o.mart_beta)
+        l_at = attention_distillation(fmap[:b], t_fmap[:b]) + attention_distillation(fmap[2 * b:], t_fmap[b:])
+        l_bml = bml_triplet_loss(z_f, z_x, z_b, o.margin, o.feature_l2)
+        loss = o.w_ce * l_ce + o.w_mart * l_mart + o.w_at * l_at + o.w_bml * l_bml
+        with torch.no_grad():
+            adv_acc = (logits_f.argmax(1) == y).float().mean().item()
+        return loss, {"loss": loss.item(), "ce": l_ce.item(), "mart": l_mart.item(), "at": l_at.item(),
+                      "bml": l_bml.item(), "adv_acc": adv_acc}
