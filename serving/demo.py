@@ -33,7 +33,7 @@ class DemoModel(Frozen):
     model_options: dict[str, Any] = Field(default_factory=dict)
     threat: ThreatModel = ThreatModel(norm="linf", eps=0.1, step=0.04)
     attack_steps: int = Field(3, ge=1)  # training attack
-    steps: int = Field(300, ge=1)  # optimisation steps (one epoch of at most this many)
+    steps: int = Field(700, ge=1)  # optimisation steps (one epoch of at most this many)
     batch_size: int = Field(128, ge=2)
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.05, gt=0)
@@ -71,7 +71,8 @@ class DemoConfig(Frozen):
     embedder: DemoEmbedder = DemoEmbedder()
     # The classifier's evaluation suite: a short cascade (the full default suite takes longer than the demo).
     classifier_attacks: tuple[dict[str, Any], ...] = (
-        {"name": "fgsm", "steps": 1}, {"name": "pgd", "steps": 20}, {"name": "apgd-ce", "steps": 25})
+        {"name": "fgsm", "steps": 1}, {"name": "pgd", "steps": 20}, {"name": "cw", "steps": 20},
+        {"name": "apgd-ce", "steps": 25})
     sanity_checks: bool = True
     gallery_index: str = "flat"
     ports: Optional[Ports] = None  # None: free loopback ports, so the demo never collides with a running server
