@@ -212,6 +212,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # faiss logs its failed SIMD-variant imports at INFO before falling back: noise, not news.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         if args.command == "bench":
             root_cls, runner = BENCHES[args.suite][1]()
