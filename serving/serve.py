@@ -474,16 +474,18 @@ def describe_access(inst: Instance) -> str:
 def run_foreground(cfg: ServeConfig) -> int:
     """Starts the server and stays until it exits or this process is asked to stop (SIGTERM/SIGINT), then stops
     it: the shape a container's main process needs."""
-    inst = start(cfg)
-    log.info("serving %s\n%s", [m for m in status(cfg)["models"]], describe_access(inst))
     stopping = []
 
     def on_signal(signum, frame):
         stopping.append(signum)
 
+    # Installed before the server starts: an orchestrator may send SIGTERM as soon as the server answers, which
+    # can be before start() returns; the default action would kill this process and leave TorchServe running.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    inst = start(cfg)
     try:
+        log.info("serving %s\n%s", [m for m in status(cfg)["models"]], describe_access(inst))
         while not stopping and inst.pid() is not None:
             time.sleep(1.0)
     finally:
