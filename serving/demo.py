@@ -206,7 +206,7 @@ def _talk(inst, names: dict[str, str], exports: dict[str, Path], cfg: DemoConfig
         print(f"  true {classes[label]:12s} -> HTTP {r.status}: {top}")
 
     # An attacked image: PGD against the eager model inside the training threat model, sent as a PNG.
-    from training.attacks import build_attack
+    from serving.runtime.attacks import build_attack
 
     spec_json = json.loads((exports["classifier"] / "spec.json").read_text())
     model, spec, _ = load_model(spec_json["exported"]["checkpoint"])

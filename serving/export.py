@@ -167,7 +167,7 @@ def _held_out_points(cfg: ExportConfig, spec: ModelSpec, train_cfg: dict):
 
 def _adversarial(model: torch.nn.Module, spec: ModelSpec, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
                  cfg: ExportConfig) -> torch.Tensor:
-    from training.attacks import LpBall, build_attack, eval_mode, pgd
+    from serving.runtime.attacks import LpBall, build_attack, eval_mode, pgd
 
     if spec.task == "classification":
         attack = build_attack(cfg.attack, model, threat, steps=cfg.attack_steps if cfg.attack == "pgd" else None,

@@ -5,6 +5,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, ValidationError, model_validator
 
+from serving.runtime.evaluation.classification import AttackSpec  # noqa: F401  (part of this config's schema)
 from serving.runtime.spec import Frozen, ThreatModel
 
 
@@ -67,16 +68,6 @@ class TrainConfig(Frozen):
             bad = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
             raise ValueError(f"method.options for {self.method.name!r}: {bad}") from None
         return self
-
-
-class AttackSpec(Frozen):
-    """One attack of the evaluation suite. eps comes from the evaluation's eps list."""
-
-    name: Literal["fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "apgd-dlr"]
-    steps: int = Field(20, ge=1)
-    restarts: int = Field(1, ge=1)
-    step_ratio: float = Field(0.25, gt=0)  # step = step_ratio * eps (PGD, CW)
-    norm: Literal["linf", "l2"] = "linf"
 
 
 DEFAULT_SUITE = (

@@ -6,82 +6,25 @@ attack is the worst case per point; each attack's column is the cumulative robus
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Iterable, Sequence
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from serving.runtime.spec import ThreatModel
-from training.config import AttackSpec
+from serving.runtime.evaluation.classification import (  # noqa: F401  (re-exported for training code)
+    AttackSpec,
+    cascade,
+    eps_monotone,
+    gradient_checks,
+    label,
+    make_attack,
+    predict,
+    run_attack_on,
+    wilson_interval,
+)
 
 log = logging.getLogger(__name__)
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion k / n."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    out = []
-    for s in range(0, len(x), batch_size):
-        out.append(model(x[s:s + batch_size]).argmax(1))
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=x.device)
-
-
-def make_attack(spec: AttackSpec, model: nn.Module, eps: float, seed: int):
-    from training.attacks import build_attack
-
-    threat = ThreatModel(norm=spec.norm, eps=eps, step=max(spec.step_ratio * eps, 1e-8))
-    return build_attack(spec.name, model, threat, steps=spec.steps, restarts=spec.restarts, seed=seed)
-
-
-def run_attack_on(model: nn.Module, attack_spec: AttackSpec, x: torch.Tensor, y: torch.Tensor, eps: float,
-                  seed: int, batch_size: int, desc: str = "") -> torch.Tensor:
-    """Returns a bool mask [N]: True where the model still classifies the attacked point correctly."""
-    attack = make_attack(attack_spec, model, eps, seed)
-    keep = torch.empty(len(x), dtype=torch.bool, device=x.device)
-    for s in tqdm(range(0, len(x), batch_size), desc=desc, leave=False, disable=len(x) <= batch_size):
-        xb, yb = x[s:s + batch_size], y[s:s + batch_size]
-        xa = attack(xb, yb)
-        with torch.no_grad():
-            keep[s:s + batch_size] = model(xa).argmax(1) == yb
-    return keep
-
-
-def cascade(model: nn.Module, attacks: Sequence[AttackSpec], x: torch.Tensor, y: torch.Tensor, eps: float,
-            seed: int, batch_size: int) -> tuple[dict[str, float], torch.Tensor, dict[str, float]]:
-    """Runs ``attacks`` in order on still-robust points. Returns (cumulative accuracy after each attack,
-    robust mask [N] = worst case per point, seconds per attack)."""
-    robust = predict(model, x, batch_size) == y
-    n = len(x)
-    cumulative, seconds = {}, {}
-    for a in attacks:
-        t0 = time.perf_counter()
-        idx = robust.nonzero().squeeze(1)
-        if len(idx):
-            still = run_attack_on(model, a, x[idx], y[idx], eps, seed, batch_size, desc=f"{a.name} eps={eps:g}")
-            robust[idx[~still]] = False
-        cumulative[label(a)] = robust.sum().item() / n
-        seconds[label(a)] = round(time.perf_counter() - t0, 2)
-    return cumulative, robust, seconds
-
-
-def label(a: AttackSpec) -> str:
-    if a.name == "fgsm":
-        return "FGSM"
-    names = {"pgd": "PGD", "cw": "CW", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "apgd-dlr": "APGD-DLR"}
-    return f"{names[a.name]}-{a.steps}" if a.name in ("pgd", "cw") else names[a.name]
 
 
 def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, curve: dict[float, float],
@@ -91,9 +34,7 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     x, y = x[:n], y[:n]
     out: dict = {}
     # 1. Robust accuracy must not rise with eps.
-    eps_sorted = sorted(curve)
-    rises = [(a, b) for a, b in zip(eps_sorted, eps_sorted[1:]) if curve[b] > curve[a] + 0.005]
-    out["eps_monotone"] = {"curve": {f"{e:g}": curve[e] for e in eps_sorted}, "flag": bool(rises)}
+    out["eps_monotone"] = eps_monotone(curve)
     # 2. At a very large eps (0.5 in L-inf: every image can be turned grey) PGD must reach ~0.
     big = 0.5 if norm == "linf" else 10.0
     pgd = AttackSpec(name="pgd", steps=20, norm=norm)
@@ -105,21 +46,7 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     f, m = acc_few.float().mean().item(), acc_many.float().mean().item()
     out["more_steps"] = {"pgd10": f, "pgd100": m, "flag": m > f + 0.01}
     # 4. Input gradients must not vanish, and outputs must be logits rather than probabilities.
-    xg = x[:batch_size].clone().requires_grad_(True)
-    was = model.training
-    model.eval()
-    with torch.enable_grad():
-        logits = model(xg)
-        loss = nn.functional.cross_entropy(logits, y[:batch_size], reduction="sum")
-        (g,) = torch.autograd.grad(loss, xg)
-    model.train(was)
-    zero = (g.flatten(1).abs().amax(1) == 0).float().mean().item()
-    out["zero_gradients"] = {"fraction": zero, "flag": zero > 0.01}
-    with torch.no_grad():
-        lg = logits.detach()
-        looks_prob = bool(((lg >= 0) & (lg <= 1)).all() and torch.allclose(lg.sum(1), torch.ones_like(lg[:, 0]),
-                                                                             atol=1e-3))
-    out["softmax_outputs"] = {"flag": looks_prob}
+    out.update(gradient_checks(model, x[:batch_size], y[:batch_size]))
     # 5. A black-box attack must not beat the white-box ones: random corners of the eps-ball.
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -8,7 +8,7 @@ from pydantic import Field
 from torch import nn
 
 from serving.runtime.spec import Frozen
-from training.attacks.threat import LpBall
+from serving.runtime.attacks.threat import LpBall
 from training.metric import MARGIN
 from training.methods.base import TrainingMethod
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from training.attacks.base import eval_mode
-from training.attacks.core import grad_enabled
-from training.attacks.pgd import pgd
+from serving.runtime.attacks.base import eval_mode
+from serving.runtime.attacks.core import grad_enabled
+from serving.runtime.attacks.pgd import pgd
 from training.metric import hardness, pairwise_distance, sample_triplets, triplet_loss_pml
 from training.methods._embedding import EmbeddingMethod, EmbeddingOptions
 from training.methods.base import register_method

@@ -11,7 +11,7 @@ from pydantic import Field
 from torch import nn
 
 from serving.runtime.spec import Frozen
-from training.attacks import LpBall, eval_mode, targeted_pgd
+from serving.runtime.attacks import LpBall, eval_mode, targeted_pgd
 from training.data import augment_batch, sample_class_images
 from training.losses import attention_distillation, bml_triplet_loss, mart_loss, smoothed_cross_entropy
 from training.methods.base import TrainingMethod, register_method

@@ -5,7 +5,7 @@ then the triplet loss is taken on triplets mined from the perturbed batch.
 """
 from __future__ import annotations
 
-from training.attacks.ranking import embedding_shift_attack
+from serving.runtime.attacks.ranking import embedding_shift_attack
 from training.metric import sample_triplets, triplet_loss_pml
 from training.methods._embedding import EmbeddingMethod, EmbeddingOptions
 from training.methods.base import register_method

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from serving.runtime.spec import Frozen
-from training.attacks import PGD, LpBall
+from serving.runtime.attacks import PGD, LpBall
 from training.methods.base import TrainingMethod, register_method
 
 

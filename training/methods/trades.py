@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from serving.runtime.spec import Frozen
-from training.attacks import LpBall, eval_mode, input_grad
-from training.attacks.core import grad_enabled
+from serving.runtime.attacks import LpBall, eval_mode, input_grad
+from serving.runtime.attacks.core import grad_enabled
 from training.losses import trades_kl
 from training.methods.base import TrainingMethod, register_method
 

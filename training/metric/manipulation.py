@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from training.attacks.base import eval_mode
-from training.attacks.core import grad_enabled, input_grad, where
-from training.attacks.threat import LpBall
+from serving.runtime.attacks.base import eval_mode
+from serving.runtime.attacks.core import grad_enabled, input_grad, where
+from serving.runtime.attacks.threat import LpBall
 from training.metric.hardness import hardness
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from serving.runtime.spec import ThreatModel
-from training.attacks import build_attack, list_attacks
+from serving.runtime.attacks import build_attack, list_attacks
 
 NORMS = {"linf": ThreatModel(norm="linf", eps=0.03, step=0.0075), "l2": ThreatModel(norm="l2", eps=1.0, step=0.25)}
 CASES = [(name, norm) for name in list_attacks() for norm in NORMS]

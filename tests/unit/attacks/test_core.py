@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.attacks import LpBall, apgd, pgd
+from serving.runtime.attacks import LpBall, apgd, pgd
 
 NORMS = ["linf", "l2"]
 ALGOS = {"pgd": pgd, "apgd": apgd}

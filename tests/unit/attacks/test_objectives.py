@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from training.attacks import OBJECTIVES
+from serving.runtime.attacks import OBJECTIVES
 
 DTYPES = [torch.float32, torch.float64]
 

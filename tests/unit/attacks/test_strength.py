@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from serving.runtime.spec import ThreatModel
-from training.attacks import PGD, CW, LpBall, build_attack, list_attacks
+from serving.runtime.attacks import PGD, CW, LpBall, build_attack, list_attacks
 
 from .conftest import accuracy
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from training.attacks import LpBall, targeted_pgd
+from serving.runtime.attacks import LpBall, targeted_pgd
 
 BALL = LpBall("linf", 8 / 255, 2 / 255)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from serving.runtime.spec import ThreatModel
-from training.attacks import LpBall
+from serving.runtime.attacks import LpBall
 
 NORMS = ["linf", "l2"]
 

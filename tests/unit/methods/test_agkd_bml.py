@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.attacks import LpBall, targeted_pgd
+from serving.runtime.attacks import LpBall, targeted_pgd
 from training.methods.agkd_bml import backward_sources, forward_backward_aes, most_confusing_class
 from tests.unit.methods.conftest import make_method
 

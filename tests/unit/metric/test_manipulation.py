@@ -1,7 +1,7 @@
 """HM's PGD: never makes a triplet easier, freezes a triplet once past its destination, stays in its ball."""
 import torch
 
-from training.attacks.threat import LpBall
+from serving.runtime.attacks.threat import LpBall
 from training.metric import hardness, hardness_manipulation
 
 BALL = LpBall("linf", eps=0.3, step=0.03)

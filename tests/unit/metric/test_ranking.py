@@ -3,8 +3,8 @@ follows robrank's rules."""
 import pytest
 import torch
 
-from training.attacks.ranking import OBJECTIVES, RANK_ATTACKS, rank_attack, select_targets
-from training.attacks.threat import LpBall
+from serving.runtime.attacks.ranking import OBJECTIVES, RANK_ATTACKS, rank_attack, select_targets
+from serving.runtime.attacks.threat import LpBall
 from training.evaluation.retrieval import embed, measure
 
 BALL = LpBall("linf", eps=0.2, step=0.02)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.attacks.ranking import select_targets
+from serving.runtime.attacks.ranking import select_targets
 from training.evaluation.retrieval import ERS_TERMS, ers, ers_terms, measure, nmi_kmeans, retrieval_metrics
 
 

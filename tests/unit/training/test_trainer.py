@@ -84,7 +84,7 @@ def test_unknown_method_rejected_before_training():
 def test_acceptance_two_epochs_clean_accuracy_and_pgd(fmnist_standard):
     """Foundation acceptance: 2 epochs of clean training reach >= 88 % test accuracy, and PGD-20 at eps 0.1
     drives the same model below 10 % (on a fixed 1,000-point subset)."""
-    from training.attacks import build_attack
+    from serving.runtime.attacks import build_attack
     from serving.runtime.spec import ThreatModel
     from training.data import load_dataset
     from training.trainer import clean_accuracy, fixed_subset

@@ -11,11 +11,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from training.attacks.base import (Attack, LogitCache, check_inputs, check_target, eval_mode, register_attack,
+from serving.runtime.attacks.base import (Attack, LogitCache, check_inputs, check_target, eval_mode, register_attack,
                                    classifier_success)
-from training.attacks.core import LossFn, SuccessFn, grad_enabled, input_grad, run_restarts
-from training.attacks.objectives import Objective, get_objective
-from training.attacks.threat import LpBall
+from serving.runtime.attacks.core import LossFn, SuccessFn, grad_enabled, input_grad, run_restarts
+from serving.runtime.attacks.objectives import Objective, get_objective
+from serving.runtime.attacks.threat import LpBall
 
 
 def pgd(loss_fn: LossFn, x0: torch.Tensor, ball: LpBall, steps: int, random_start: bool = True,

@@ -10,11 +10,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from training.attacks.apgd import apgd
-from training.attacks.base import Attack, LogitCache, register_attack, classifier_success
-from training.attacks.objectives import get_objective
-from training.attacks.pgd import classifier_loss
-from training.attacks.threat import LpBall
+from serving.runtime.attacks.apgd import apgd
+from serving.runtime.attacks.base import Attack, LogitCache, register_attack, classifier_success
+from serving.runtime.attacks.objectives import get_objective
+from serving.runtime.attacks.pgd import classifier_loss
+from serving.runtime.attacks.threat import LpBall
 
 
 class APGDT(Attack):

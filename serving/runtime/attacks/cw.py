@@ -10,9 +10,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from training.attacks.base import register_attack
-from training.attacks.pgd import PGD
-from training.attacks.threat import LpBall
+from serving.runtime.attacks.base import register_attack
+from serving.runtime.attacks.pgd import PGD
+from serving.runtime.attacks.threat import LpBall
 
 
 class CW(PGD):

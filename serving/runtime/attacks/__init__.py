@@ -1,16 +1,16 @@
 """Adversarial attacks = threat model (:class:`LpBall`) x objective (:data:`OBJECTIVES`) x algorithm
 (:func:`pgd`, :func:`apgd`). Classification attacks share the :class:`Attack` base class and are built by
 name with :func:`build_attack`; :func:`targeted_pgd` is AGKD-BML's batched targeted PGD."""
-from training.attacks.apgd import APGD, apgd
-from training.attacks.apgdt import APGDT
-from training.attacks.base import Attack, LogitCache, build_attack, eval_mode, list_attacks, register_attack
-from training.attacks.core import input_grad
-from training.attacks.cw import CW
-from training.attacks.fgsm import FGSM
-from training.attacks.objectives import (OBJECTIVES, Objective, ce, cw_margin, dlr, get_objective, targeted_ce,
+from serving.runtime.attacks.apgd import APGD, apgd
+from serving.runtime.attacks.apgdt import APGDT
+from serving.runtime.attacks.base import Attack, LogitCache, build_attack, eval_mode, list_attacks, register_attack
+from serving.runtime.attacks.core import input_grad
+from serving.runtime.attacks.cw import CW
+from serving.runtime.attacks.fgsm import FGSM
+from serving.runtime.attacks.objectives import (OBJECTIVES, Objective, ce, cw_margin, dlr, get_objective, targeted_ce,
                                          targeted_cw_margin, targeted_dlr)
-from training.attacks.pgd import PGD, pgd, targeted_pgd
-from training.attacks.threat import LpBall
+from serving.runtime.attacks.pgd import PGD, pgd, targeted_pgd
+from serving.runtime.attacks.threat import LpBall
 
 __all__ = [
     "APGD", "APGDT", "Attack", "CW", "FGSM", "LogitCache", "LpBall", "OBJECTIVES", "Objective", "PGD", "apgd",

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from serving.runtime.spec import ThreatModel
-from training.attacks.core import grad_enabled
-from training.attacks.objectives import Objective
-from training.attacks.threat import LpBall
+from serving.runtime.attacks.core import grad_enabled
+from serving.runtime.attacks.objectives import Objective
+from serving.runtime.attacks.threat import LpBall
 
 
 @contextlib.contextmanager

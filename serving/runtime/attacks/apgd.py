@@ -12,11 +12,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from training.attacks.base import Attack, LogitCache, check_target, register_attack, classifier_success
-from training.attacks.core import LossFn, SuccessFn, grad_enabled, input_grad, run_restarts, where
-from training.attacks.objectives import get_objective
-from training.attacks.pgd import classifier_loss
-from training.attacks.threat import LpBall
+from serving.runtime.attacks.base import Attack, LogitCache, check_target, register_attack, classifier_success
+from serving.runtime.attacks.core import LossFn, SuccessFn, grad_enabled, input_grad, run_restarts, where
+from serving.runtime.attacks.objectives import get_objective
+from serving.runtime.attacks.pgd import classifier_loss
+from serving.runtime.attacks.threat import LpBall
 
 
 def apgd(loss_fn: LossFn, x0: torch.Tensor, ball: LpBall, steps: int, random_start: bool = True,

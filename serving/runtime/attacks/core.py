@@ -7,7 +7,7 @@ attacks, AGKD-BML's batched targeted PGD):
   (e.g. BatchNorm must be in eval mode), which is what makes a batch equal to its parts.
 - ``success_fn(x_adv) -> bool [B]`` (optional) says which samples the attacker has already won. It is
   always called right after ``loss_fn`` on the very same tensor object, so a caller may reuse that
-  forward pass (see :class:`training.attacks.base.LogitCache`).
+  forward pass (see :class:`serving.runtime.attacks.base.LogitCache`).
 - Gradients are taken with ``torch.autograd.grad`` with respect to the input only, so no parameter's
   ``.grad`` is ever written; the algorithms work when the caller is under ``torch.no_grad()`` or
   ``torch.inference_mode()``.
@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from training.attacks.threat import LpBall, _per_sample
+from serving.runtime.attacks.threat import LpBall, _per_sample
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 SuccessFn = Callable[[torch.Tensor], torch.Tensor]

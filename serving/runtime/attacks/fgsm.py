@@ -9,10 +9,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from training.attacks.base import Attack, LogitCache, check_target, register_attack
-from training.attacks.objectives import get_objective
-from training.attacks.pgd import classifier_loss, pgd
-from training.attacks.threat import LpBall
+from serving.runtime.attacks.base import Attack, LogitCache, check_target, register_attack
+from serving.runtime.attacks.objectives import get_objective
+from serving.runtime.attacks.pgd import classifier_loss, pgd
+from serving.runtime.attacks.threat import LpBall
 
 
 class FGSM(Attack):

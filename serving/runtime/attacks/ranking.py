@@ -5,7 +5,7 @@ Zhou et al., "Adversarial Ranking Attack and Defense", ECCV 2020, and "Enhancing
 Deep Metric Learning", CVPR 2022 (TMA, ES, LTM, GTM, GTT).
 
 Every attack perturbs one image per row of its batch (a candidate for CA+/CA-, a query otherwise) inside
-an L-p ball with :func:`training.attacks.pgd.pgd`, no random start, the model in eval mode. The gallery
+an L-p ball with :func:`serving.runtime.attacks.pgd.pgd`, no random start, the model in eval mode. The gallery
 (clean embeddings [N, D], L2-normalised) is fixed; a row's objective depends only on its own image and
 on gallery items, so rows never interact. :func:`select_targets` draws, per row, the gallery items its
 attack is about; ``self_idx`` is the row's own position in the gallery (or -1), never a target, never
@@ -31,10 +31,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from training.attacks.base import eval_mode
-from training.attacks.core import grad_enabled
-from training.attacks.pgd import pgd
-from training.attacks.threat import LpBall
+from serving.runtime.attacks.base import eval_mode
+from serving.runtime.attacks.core import grad_enabled
+from serving.runtime.attacks.pgd import pgd
+from serving.runtime.attacks.threat import LpBall
 
 RANK_ATTACKS = ("CA+", "CA-", "QA+", "QA-", "TMA", "ES", "LTM", "GTM", "GTT")
 TOP_FRACTION = 0.01  # CA- and QA- pick their pair from the top 1 % of the clean ranking

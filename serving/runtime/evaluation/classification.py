@@ -1,0 +1,139 @@
+"""Classifier robustness under an attack suite, worst case per point (AutoAttack's cascade).
+
+For each eps, attack i runs only on the points that survived attacks 0..i-1, so the figure after the last
+attack is the worst case per point; each attack's column is the cumulative robust accuracy after it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Literal, Optional, Sequence
+
+import torch
+from pydantic import Field
+from torch import nn
+from tqdm import tqdm
+
+from serving.runtime.spec import Frozen, ThreatModel
+
+# Called with (x_adv [b, C, H, W], positions [b] in the attacked set) for every batch an attack produced.
+AdversarialSink = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+class AttackSpec(Frozen):
+    """One attack of a suite. eps comes from the evaluation's (or probe's) eps list."""
+
+    name: Literal["fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "apgd-dlr"]
+    steps: int = Field(20, ge=1)
+    restarts: int = Field(1, ge=1)
+    step_ratio: float = Field(0.25, gt=0)  # step = step_ratio * eps (PGD, CW)
+    norm: Literal["linf", "l2"] = "linf"
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion k / n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    out = []
+    for s in range(0, len(x), batch_size):
+        out.append(model(x[s:s + batch_size]).argmax(1))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=x.device)
+
+
+def make_attack(spec: AttackSpec, model: nn.Module, eps: float, seed: int):
+    from serving.runtime.attacks import build_attack
+
+    threat = ThreatModel(norm=spec.norm, eps=eps, step=max(spec.step_ratio * eps, 1e-8))
+    return build_attack(spec.name, model, threat, steps=spec.steps, restarts=spec.restarts, seed=seed)
+
+
+def run_attack_on(model: nn.Module, attack_spec: AttackSpec, x: torch.Tensor, y: torch.Tensor, eps: float,
+                  seed: int, batch_size: int, desc: str = "", sink: Optional[AdversarialSink] = None,
+                  progress: bool = True) -> torch.Tensor:
+    """Returns a bool mask [N]: True where the model still classifies the attacked point correctly. ``sink``
+    receives every batch of adversarial examples with its positions in x."""
+    attack = make_attack(attack_spec, model, eps, seed)
+    keep = torch.empty(len(x), dtype=torch.bool, device=x.device)
+    for s in tqdm(range(0, len(x), batch_size), desc=desc, leave=False,
+                  disable=not progress or len(x) <= batch_size):
+        xb, yb = x[s:s + batch_size], y[s:s + batch_size]
+        xa = attack(xb, yb)
+        if sink is not None:
+            sink(xa, torch.arange(s, s + len(xb), device=x.device))
+        with torch.no_grad():
+            keep[s:s + batch_size] = model(xa).argmax(1) == yb
+    return keep
+
+
+def cascade(model: nn.Module, attacks: Sequence[AttackSpec], x: torch.Tensor, y: torch.Tensor, eps: float,
+            seed: int, batch_size: int, sink: Optional[Callable[[str, torch.Tensor, torch.Tensor], None]] = None,
+            progress: bool = True, deadline: Optional[float] = None
+            ) -> tuple[dict[str, float], torch.Tensor, dict[str, float]]:
+    """Runs ``attacks`` in order on still-robust points. Returns (cumulative accuracy after each attack,
+    robust mask [N] = worst case per point, seconds per attack). ``sink(label, x_adv, positions in x)`` sees
+    every adversarial batch; past ``deadline`` (time.monotonic()) a TimeoutError is raised between attacks."""
+    robust = predict(model, x, batch_size) == y
+    n = len(x)
+    cumulative, seconds = {}, {}
+    for a in attacks:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"time budget spent before {label(a)} at eps {eps:g}")
+        t0 = time.perf_counter()
+        idx = robust.nonzero().squeeze(1)
+        if len(idx):
+            inner = None if sink is None else (lambda xa, pos, _a=a, _idx=idx: sink(label(_a), xa, _idx[pos]))
+            still = run_attack_on(model, a, x[idx], y[idx], eps, seed, batch_size, desc=f"{a.name} eps={eps:g}",
+                                  sink=inner, progress=progress)
+            robust[idx[~still]] = False
+        cumulative[label(a)] = robust.sum().item() / n if n else 0.0
+        seconds[label(a)] = round(time.perf_counter() - t0, 2)
+    return cumulative, robust, seconds
+
+
+def label(a: AttackSpec) -> str:
+    if a.name == "fgsm":
+        return "FGSM"
+    names = {"pgd": "PGD", "cw": "CW", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "apgd-dlr": "APGD-DLR"}
+    return f"{names[a.name]}-{a.steps}" if a.name in ("pgd", "cw") else names[a.name]
+
+
+# --- gradient-masking checks (SPEC section 3) ------------------------------------------------------------------
+
+
+def eps_monotone(curve: dict[float, float], slack: float = 0.005) -> dict:
+    """Robust accuracy must not rise with eps. curve: {eps: accuracy}; flag True when it rises by more than
+    ``slack`` between consecutive eps."""
+    eps_sorted = sorted(curve)
+    rises = [(a, b) for a, b in zip(eps_sorted, eps_sorted[1:]) if curve[b] > curve[a] + slack]
+    return {"curve": {f"{e:g}": curve[e] for e in eps_sorted}, "flag": bool(rises)}
+
+
+def gradient_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Input gradients of the cross-entropy must not vanish, and the outputs must be logits, not probabilities.
+    x [B, C, H, W], y [B]. Returns {"zero_gradients": {fraction, flag}, "softmax_outputs": {flag}}. Runs
+    under ``torch.enable_grad()`` on a fresh leaf, so it works inside a host's inference or no-grad mode."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            xg = x.detach().clone().requires_grad_(True)
+            logits = model(xg)
+            loss = nn.functional.cross_entropy(logits, y, reduction="sum")
+            (g,) = torch.autograd.grad(loss, xg)
+    finally:
+        model.train(was)
+    zero = (g.flatten(1).abs().amax(1) == 0).float().mean().item() if len(x) else 0.0
+    with torch.no_grad():
+        lg = logits.detach()
+        looks_prob = bool(len(lg) and ((lg >= 0) & (lg <= 1)).all()
+                          and torch.allclose(lg.sum(1), torch.ones_like(lg[:, 0]), atol=1e-3))
+    return {"zero_gradients": {"fraction": zero, "flag": zero > 0.01}, "softmax_outputs": {"flag": looks_prob}}
