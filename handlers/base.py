@@ -8,8 +8,10 @@ session and its ``handle`` fails a whole batch on any exception, which are the t
 from __future__ import annotations
 
 import logging
+import os
 import time
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from serving.runtime.schemas import ServiceSettings
@@ -24,6 +26,11 @@ PAYLOAD_KEYS = ("body", "data")
 HEADER_OPTIONS = {"x-top-k": "top_k", "x-k": "k", "x-output": "output"}
 JSON = "application/json"
 BATCH_HEADER = "X-Robustserve-Batch"
+PROBE_KEY_HEADER = "x-probe-key"
+# Set by `robustserve serve` for the workers: the probe key's file (its SHA-256 is what workers keep) and the
+# folder of the probe gate and history, shared by every worker of a model.
+PROBE_KEY_ENV = "ROBUSTSERVE_PROBE_KEY_FILE"
+PROBE_DIR_ENV = "ROBUSTSERVE_PROBE_DIR"
 
 
 class TorchServeAdapter:
@@ -43,24 +50,46 @@ class TorchServeAdapter:
             props["model_dir"], settings, name=context.model_name,
             version=(manifest.get("model") or {}).get("modelVersion"),
             device="cpu" if gpu_id is None else "auto", gpu_id=gpu_id)
+        self._enable_probes(context)
         self.initialized = True
         log.info("%s ready: %s", context.model_name, self.service.describe())
 
+    def _enable_probes(self, context: Any) -> None:
+        from serving.runtime.probing.runner import key_digest
+
+        key_file = os.environ.get(PROBE_KEY_ENV)
+        digest = None
+        if key_file:
+            try:
+                digest = key_digest(_read_key(Path(key_file)))
+            except (OSError, ValueError) as e:
+                log.warning("probe key file %s unreadable (%s): probes will be refused", key_file, e)
+        state = os.environ.get(PROBE_DIR_ENV) or str(Path(context.system_properties["model_dir"]) / "probes")
+        metrics = getattr(context, "metrics", None)
+        self.service.enable_probes(state, digest, on_report=lambda rep: publish_probe(metrics, rep))
+
     def to_raw(self, item: Any, headers: Optional[dict] = None) -> RawRequest:
         params: dict[str, Any] = {}
+        probe_key = None
         for name, value in (headers or {}).items():
+            if str(name).lower() == PROBE_KEY_HEADER:
+                probe_key = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+                continue
             key = HEADER_OPTIONS.get(str(name).lower())
             if key and key in self.service.option_keys:
                 params[key] = value
         if not isinstance(item, dict):
-            return RawRequest(body=item, params=params)
+            return RawRequest(body=item, params=params, probe_key=probe_key)
         body = None
         for key, value in item.items():
             if key in PAYLOAD_KEYS and body is None:
                 body = value
             else:
                 params[key] = value
-        return RawRequest(body=body, params=params)
+        if body is None and "probe" in params:
+            # A JSON body arrives already decoded: {"probe": {...}} is the whole request.
+            return RawRequest(body={"probe": params.pop("probe"), **params}, params={}, probe_key=probe_key)
+        return RawRequest(body=body, params=params, probe_key=probe_key)
 
     def handle(self, data: list, context: Any) -> list[str]:
         assert self.service is not None, "initialize() was not called"
@@ -91,6 +120,31 @@ class TorchServeAdapter:
         metrics.add_counter("InferredImages", images, dimensions=[])
         metrics.add_time("DecodeTime", round(decode_s * 1000, 3), dimensions=[])
         metrics.add_time("InferenceTime", round(infer_s * 1000, 3), dimensions=[])
+
+
+def _read_key(path: Path) -> str:
+    import json
+
+    key = json.loads(path.read_text()).get("key")
+    if not isinstance(key, str) or len(key) < 16:
+        raise ValueError("no 'key' of 16 or more characters")
+    return key
+
+
+def publish_probe(metrics: Any, report: dict) -> None:
+    """A finished probe's figures as TorchServe model metrics (declared in the server's metrics.yaml)."""
+    if metrics is None or not hasattr(metrics, "add_metric"):
+        return
+    from ts.metrics.dimension import Dimension
+    from ts.metrics.metric_type_enum import MetricTypes
+
+    from serving.runtime.probing.metrics import probe_samples
+
+    for name, kind, unit, labels, value in probe_samples(report):
+        dims = [Dimension("ModelName", report.get("model") or ""), Dimension("Level", "Model")]
+        dims += [Dimension(k, v) for k, v in labels.items()]
+        metrics.add_metric(name, value, unit, dimensions=dims,
+                           metric_type=MetricTypes.COUNTER if kind == "counter" else MetricTypes.GAUGE)
 
 
 def _headers(context: Any, idx: int) -> dict:

@@ -51,6 +51,24 @@ def _serve_root():
     return ServeConfig
 
 
+def _probe_root():
+    from serving.probe import ProbeCommand
+
+    return ProbeCommand
+
+
+def _monitor_root():
+    from serving.monitor import MonitorConfig
+
+    return MonitorConfig
+
+
+def _gate_root():
+    from serving.gate import GateConfig
+
+    return GateConfig
+
+
 def _run_train(cfg) -> int:
     from training.trainer import train
 
@@ -150,6 +168,31 @@ def _run_status(cfg) -> int:
     return 0 if st["models"] and all(m.get("ready") for m in st["models"].values()) else 1
 
 
+@_serving_errors("probe")
+def _run_probe(cfg) -> int:
+    from serving.probe import ProbeFailed, run
+
+    try:
+        return run(cfg)
+    except ProbeFailed as e:
+        print(f"robustserve probe: refused: {e}", file=sys.stderr)
+        return 1
+
+
+@_serving_errors("monitor")
+def _run_monitor(cfg) -> int:
+    from serving.monitor import run
+
+    return run(cfg)
+
+
+@_serving_errors("gate")
+def _run_gate(cfg) -> int:
+    from serving.gate import run
+
+    return run(cfg)
+
+
 def _run_demo(cfg) -> int:
     from serving.demo import run_demo
 
@@ -165,6 +208,11 @@ COMMANDS: dict[str, tuple[str, Callable[[], type], Callable[[BaseModel], int]]] 
     "serve": ("start TorchServe on the model store (loopback, token auth)", _serve_root, _run_serve),
     "stop": ("stop the TorchServe started by serve, and wait until it is gone", _serve_root, _run_stop),
     "status": ("report each served model's workers and readiness", _serve_root, _run_status),
+    "probe": ("run one robustness probe of a served model (model=...) or of an archive (archive=...)", _probe_root,
+              _run_probe),
+    "monitor": ("probe served models on a schedule; metrics, SLO, alert and readiness on loopback", _monitor_root,
+                _run_monitor),
+    "gate": ("compare two archives' probes and refuse promotion when robustness drops", _gate_root, _run_gate),
     "demo": ("the main job on the embedded default (Fashion-MNIST)", _demo_root, _run_demo),
 }
 

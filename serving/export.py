@@ -35,6 +35,7 @@ from serving.runtime.artifacts import (
     InputSpec,
     ParityCheck,
     ParityReport,
+    ProbeCheck,
     describe_file,
     sha256_file,
 )
@@ -70,6 +71,9 @@ class ExportConfig(Frozen):
     evaluation: Optional[str] = None  # None: evaluation.json beside the checkpoint, when it is current
     seed: int = 0
     num_threads: Optional[int] = Field(None, ge=1)
+    # The served model's start-up bar on the probe set (accuracy, or Recall@1 for an embedder). None: the known
+    # score (evaluation, else the trainer's test accuracy, else what the export measures) minus a chance margin.
+    min_probe_score: Optional[float] = Field(None, ge=0.0, le=1.0)
 
 
 def default_name(spec: ModelSpec) -> str:
@@ -88,7 +92,7 @@ def export(cfg: ExportConfig) -> Path:
     out = Path(cfg.out_dir) if cfg.out_dir else ckpt_path.parent / "export"
     name = cfg.name or default_name(spec)
     train_cfg = ckpt.get("config") or {}
-    x_parity, y_parity, x_probe, y_probe = _held_out_points(cfg, spec, train_cfg)
+    x_parity, y_parity, x_probe, y_probe, probe_ids = _held_out_points(cfg, spec, train_cfg)
     threat = cfg.threat or spec.threat_model or ThreatModel(norm="linf", eps=0.1, step=0.025)
     x_adv = _adversarial(model, spec, x_parity, y_parity, threat, cfg)
 
@@ -107,7 +111,8 @@ def export(cfg: ExportConfig) -> Path:
         with torch.no_grad():
             expected = engines["torchscript"](x_probe.numpy())
         ProbeSet(x=(x_probe * 255).round().to(torch.uint8).numpy(), y=y_probe.numpy(),
-                 expected=expected).save(tmp / PROBES_FILE)
+                 expected=expected, ids=probe_ids).save(tmp / PROBES_FILE)
+        evaluation = _evaluation_summary(cfg, ckpt_path)
         files = [TORCHSCRIPT_FILE, ONNX_FILE, PROBES_FILE]
         if spec.task == "classification":
             labels = list(spec.class_names or [str(i) for i in range(spec.num_classes or 0)])
@@ -118,9 +123,10 @@ def export(cfg: ExportConfig) -> Path:
             model=spec,
             input=InputSpec.from_spec(spec),
             output="logits" if spec.task == "classification" else "embedding",
-            evaluation=_evaluation_summary(cfg, ckpt_path),
+            evaluation=evaluation,
             training_config=train_cfg or None,
             parity=report,
+            probe_check=_probe_check(cfg, spec, expected, y_probe.numpy(), ckpt, evaluation),
             artifacts={key: describe_file(tmp, f) for key, f in
                        zip(("torchscript", "onnx", "probes", "labels"), files)},
             exported={"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -162,7 +168,8 @@ def _held_out_points(cfg: ExportConfig, spec: ModelSpec, train_cfg: dict):
     tail = perm[len(test) - need:]
     x_par, y_par = test.get(tail[:cfg.parity_points])
     x_pro, y_pro = test.get(tail[cfg.parity_points:])
-    return x_par, y_par, x_pro, y_pro
+    ids = tuple(f"{name}/test/{int(i)}" for i in tail[cfg.parity_points:])
+    return x_par, y_par, x_pro, y_pro, ids
 
 
 def _adversarial(model: torch.nn.Module, spec: ModelSpec, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
@@ -319,6 +326,31 @@ def check_parity(model: torch.nn.Module, spec: ModelSpec, engines: dict, x_clean
     if failures:
         raise ParityError("parity check failed, nothing written:\n  " + "\n  ".join(failures))
     return ParityReport(tolerance=tolerance, attack={}, checks=checks)
+
+
+def _probe_check(cfg: ExportConfig, spec: ModelSpec, outputs: np.ndarray, y: np.ndarray, ckpt: dict,
+                 ev: Optional[EvaluationSummary]) -> ProbeCheck:
+    from serving.runtime.probes import clean_score, self_check_margin
+
+    measured = clean_score(outputs, y, spec.task)
+    metric = "accuracy" if spec.task == "classification" else "recall_at_1"
+    ev = ev if spec.task == "classification" else None
+    trained = (ckpt.get("metrics") or {}).get("test_acc") if spec.task == "classification" else None
+    if ev is not None and ev.clean_accuracy is not None:
+        reference, source = float(ev.clean_accuracy), f"evaluation ({ev.source})"
+    elif trained is not None:
+        reference, source = float(trained), "the trainer's test accuracy"
+    else:
+        reference, source = measured, "measured at export"
+    n = len(y)
+    floor = cfg.min_probe_score if cfg.min_probe_score is not None else max(
+        0.0, reference - self_check_margin(reference, n))
+    if measured < floor:
+        log.warning("the exported model scores %s %.3f on its %d probe images, below the start-up bar %.3f "
+                    "(reference %.3f from %s): a server will refuse to load it", metric, measured, n, floor,
+                    reference, source)
+    return ProbeCheck(metric=metric, n=n, measured=measured, reference=reference, reference_source=source,
+                      min_value=round(floor, 6))
 
 
 # --- evaluation figures ------------------------------------------------------------------------------------------

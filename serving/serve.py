@@ -35,6 +35,8 @@ from serving.runtime.spec import Frozen
 log = logging.getLogger(__name__)
 
 KEY_FILE = "key_file.json"
+PROBE_KEY_FILE = "probe_key.json"
+PROBE_DIR = "probes"
 PID_FILE = ".model_server.pid"
 
 
@@ -63,6 +65,9 @@ class ServeConfig(Frozen):
     ports: Ports = Ports()
     token_auth: bool = True
     token_expiration_min: int = Field(60, ge=1)
+    # On-demand robustness probes need a key of their own (X-Probe-Key), besides the inference token; serve
+    # writes a fresh one to <workdir>/probe_key.json (mode 0600). false: every probe is refused.
+    probe_key: bool = True
     model_api: bool = False  # register/unregister over HTTP; off: only the archives named here are served
     metrics_mode: Literal["prometheus", "log"] = "prometheus"
     max_request_size: int = Field(6 << 20, ge=1024)  # bytes; the handler's own image limits are tighter
@@ -180,6 +185,16 @@ HANDLER_METRICS = {
 }
 
 
+def _probe_metric_decls() -> dict[str, list[dict]]:
+    from serving.runtime.probing.metrics import PROBE_METRICS, SERVER_PREFIX
+
+    out: dict[str, list[dict]] = {}
+    for suffix, (kind, unit, labels) in PROBE_METRICS.items():
+        out.setdefault(kind, []).append({"name": SERVER_PREFIX + suffix, "unit": unit,
+                                         "dimensions": ["ModelName", "Level", *labels]})
+    return out
+
+
 def metrics_yaml() -> str:
     host = ["Level", "Hostname"]
     model = ["model_name", "model_version", "hostname"]
@@ -208,6 +223,8 @@ def metrics_yaml() -> str:
         "model_metrics": {kind: [{**m, "dimensions": ["ModelName", "Level"]} for m in ms]
                           for kind, ms in HANDLER_METRICS.items()},
     }
+    for kind, decls in _probe_metric_decls().items():
+        doc["model_metrics"].setdefault(kind, []).extend(decls)
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -223,6 +240,8 @@ class Instance:
         self.tmp = self.work / "tmp"
         self.logs = self.work / "logs"
         self.key_file = self.work / KEY_FILE
+        self.probe_key_file = self.work / PROBE_KEY_FILE
+        self.probe_dir = self.work / PROBE_DIR
         self.pid_file = self.tmp / PID_FILE
 
     def pid(self) -> Optional[int]:
@@ -240,6 +259,12 @@ class Instance:
         except (OSError, ValueError):
             return {}
         return {k: data[k]["key"] for k in ("inference", "management") if isinstance(data.get(k), dict)}
+
+    def probe_key(self) -> Optional[str]:
+        try:
+            return json.loads(self.probe_key_file.read_text())["key"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def headers(self, api: str) -> dict[str, str]:
         key = self.keys().get(api)
@@ -314,6 +339,12 @@ def start(cfg: ServeConfig) -> Instance:
     (inst.work / "metrics.yaml").write_text(metrics_yaml())
     env = {**os.environ, "TMPDIR": str(inst.tmp), "TEMP": str(inst.tmp), "TMP": str(inst.tmp),
            "LOG_LOCATION": str(inst.logs), "METRICS_LOCATION": str(inst.logs)}
+    env.pop("ROBUSTSERVE_PROBE_KEY_FILE", None)
+    inst.probe_dir.mkdir(parents=True, exist_ok=True)
+    env["ROBUSTSERVE_PROBE_DIR"] = str(inst.probe_dir)
+    if cfg.probe_key:
+        write_probe_key(inst.probe_key_file)
+        env["ROBUSTSERVE_PROBE_KEY_FILE"] = str(inst.probe_key_file)
     # TorchServe would take its config from TS_CONFIG_FILE over --ts-config: the file written here must win.
     env.pop("TS_CONFIG_FILE", None)
     cmd = [_torchserve_exe(), "--start", "--ncs", "--ts-config", str(inst.work / "config.properties"),
@@ -329,6 +360,20 @@ def start(cfg: ServeConfig) -> Instance:
         stop(cfg)
         raise
     return inst
+
+
+def write_probe_key(path: Path) -> str:
+    """A fresh random probe key, readable by this user only."""
+    import secrets
+
+    key = secrets.token_urlsafe(32)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"key": key, "header": "X-Probe-Key"}, f)
+    os.replace(tmp, path)
+    return key
 
 
 def wait_ready(inst: Instance, models: list[str], timeout: float) -> None:
@@ -393,6 +438,7 @@ def stop(cfg: ServeConfig) -> bool:
         time.sleep(0.1)
     inst.pid_file.unlink(missing_ok=True)
     inst.key_file.unlink(missing_ok=True)
+    inst.probe_key_file.unlink(missing_ok=True)
     return True
 
 

@@ -79,6 +79,19 @@ class EvaluationSummary(Frozen):
     threat: Optional[dict[str, Any]] = None  # the embedder attack profile (eps, steps)
 
 
+class ProbeCheck(Frozen):
+    """The bar a served model must clear at start-up: its clean score on the probe set, measured through the
+    serving path (image bytes decoded as requests are), at or above ``min_value``. metric: ``accuracy``
+    (classifiers) or ``recall_at_1`` (embedders: leave-one-out within the probe set), in [0, 1]."""
+
+    metric: Literal["accuracy", "recall_at_1"]
+    n: int = Field(ge=1)
+    measured: float  # the exported artifact on the probe set, at export time, from the training data pipeline
+    reference: float  # what the model is known to score: the evaluation, the trainer's test accuracy, or measured
+    reference_source: str
+    min_value: float
+
+
 class ExportManifest(Frozen):
     format_version: int = FORMAT_VERSION
     name: str
@@ -88,6 +101,7 @@ class ExportManifest(Frozen):
     evaluation: Optional[EvaluationSummary] = None
     training_config: Optional[dict[str, Any]] = None
     parity: Optional[ParityReport] = None
+    probe_check: Optional[ProbeCheck] = None
     artifacts: dict[str, ArtifactFile]  # torchscript, onnx, probes, labels
     exported: dict[str, Any] = Field(default_factory=dict)  # versions, source checkpoint and its hash, time
 

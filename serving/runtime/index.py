@@ -86,6 +86,10 @@ class RetrievalIndex:
         # Rounding can push 1 - similarity of a vector with itself just below 0.
         return np.maximum(1.0 - sims, 0.0).astype(np.float32), pos
 
+    def vectors(self) -> np.ndarray:
+        """The gallery's unit embeddings, float32 [G, D], in gallery order."""
+        return np.ascontiguousarray(self.index.reconstruct_n(0, len(self)), dtype=np.float32)
+
     def save(self, root: str | Path) -> list[str]:
         """Writes the index and its metadata into ``root``; returns the file names."""
         faiss = _faiss()

@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serving.runtime.probing.params import ProbeSettings
 from serving.runtime.spec import Frozen
 
 
@@ -141,6 +142,7 @@ class ServiceSettings(Frozen):
     max_images_per_request: int = Field(64, ge=1)
     self_test: bool = True  # run the probe set at start-up and refuse to serve on a mismatch
     self_test_tolerance: float = Field(1e-4, gt=0)
+    probe: ProbeSettings = ProbeSettings()  # on-demand robustness probes: limits
 
     @model_validator(mode="after")
     def _check(self):

@@ -10,6 +10,7 @@ answered normally. Three request shapes are understood, told apart by the body:
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from serving.runtime.preprocess import (
     tensor_input_to_array,
     tensor_to_array,
 )
-from serving.runtime.probes import ProbeSet
+from serving.runtime.probes import ProbeSet, clean_score
 from serving.runtime.schemas import (
     ClassifyOptions,
     ClassifyRequest,
@@ -55,6 +56,7 @@ class RawRequest:
 
     body: Any
     params: Mapping[str, Any] = field(default_factory=dict)
+    probe_key: Optional[str] = None  # the X-Probe-Key a probe request came with
 
 
 @dataclass
@@ -104,11 +106,31 @@ class ModelService:
         self.session: InferenceSession = open_session(
             self.root, self.manifest, engine=settings.engine, fallback=settings.fallback_to_torchscript,
             threads=settings.threads, device=device, gpu_id=gpu_id)
+        self.probe_runner = None  # set by enable_probes()
         self.probes: Optional[ProbeSet] = None
         if "probes" in self.manifest.artifacts:
             self.probes = ProbeSet.load(verify_artifact(self.root, self.manifest, "probes"))
         if settings.self_test:
             self.self_test()
+
+    def enable_probes(self, state_dir: str | Path, key_sha256: Optional[str], on_report=None):
+        """Accepts probe requests from now on. state_dir: the gate and history folder shared by this model's
+        workers; key_sha256: SHA-256 of the probe key (None: every probe is refused with 403)."""
+        from serving.runtime.probing.runner import ProbeRunner
+
+        self.probe_runner = ProbeRunner(self, self.settings.probe, state_dir, key_sha256, on_report)
+        return self.probe_runner
+
+    def gradient_module(self):
+        """The differentiable twin of the served artifact (TorchScript, CPU, eval mode), for probes."""
+        import warnings
+
+        import torch
+
+        path = verify_artifact(self.root, self.manifest, "torchscript")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+            return torch.jit.load(str(path), map_location="cpu").eval()
 
     @property
     def option_keys(self) -> tuple[str, ...]:
@@ -119,8 +141,10 @@ class ModelService:
         return self.session.engine
 
     def self_test(self) -> float:
-        """Runs the probe set and compares with the outputs recorded at export; raises ArtifactError when this
-        engine on this machine does not reproduce them within the tolerance."""
+        """The start-up self-check. (1) This engine on this machine reproduces the outputs recorded at export
+        within the tolerance. (2) The probe images, encoded as PNG and decoded the way requests are, score at or
+        above the spec's bar (``probe_check``): catches wrong weights and preprocessing that does not match
+        training. Raises ArtifactError, so the model fails to load, saying which check failed."""
         if self.probes is None:
             log.warning("%s: no probe set; skipping the start-up self-test", self.name)
             return 0.0
@@ -128,9 +152,36 @@ class ModelService:
         if not dev <= self.settings.self_test_tolerance:
             raise ArtifactError(f"{self.name}: the {self.engine} engine gives outputs {dev:.3g} away from those "
                                 f"recorded at export (tolerance {self.settings.self_test_tolerance:g})")
+        check = self.manifest.probe_check
+        if check is not None:
+            score = clean_score(self.forward(self._decoded_probe_images()), self.probes.y, self.spec.task)
+            if score < check.min_value:
+                raise ArtifactError(
+                    f"{self.name}: start-up self-check failed: clean {check.metric} {score:.3f} on the "
+                    f"{len(self.probes)} probe images is below the spec's threshold {check.min_value:.3f} "
+                    f"(the model is known to score {check.reference:.3f}, from {check.reference_source}); "
+                    f"the weights or the preprocessing do not match the model that was trained")
+            log.info("%s: self-check: clean %s %.3f on %d probes (threshold %.3f)", self.name, check.metric,
+                     score, len(self.probes), check.min_value)
         log.info("%s: self-test passed on %d probes with %s (max deviation %.2g)", self.name, len(self.probes),
                  self.engine, dev)
         return dev
+
+    def _decoded_probe_images(self) -> np.ndarray:
+        """The probe images as requests bring them: PNG bytes through :func:`decode_image`. float32 [N, C, H, W].
+        Images with other than 1 or 3 channels travel as tensors, so they are taken as they are."""
+        assert self.probes is not None
+        if self.spec.channels not in (1, 3):
+            return self.probes.images()
+        from PIL import Image
+
+        out = []
+        for img in self.probes.x:
+            buf = io.BytesIO()
+            Image.fromarray(img[0] if self.spec.channels == 1 else img.transpose(1, 2, 0)).save(buf, "PNG")
+            out.append(decode_image(buf.getvalue(), self.spec, max_bytes=self.settings.max_image_bytes,
+                                    max_pixels=self.settings.max_image_pixels))
+        return np.stack(out)
 
     # --- decoding ------------------------------------------------------------------------------------------------
 
@@ -265,10 +316,35 @@ class ModelService:
         good: list[tuple[int, Decoded]] = []
         for i, raw in enumerate(raws):
             try:
-                good.append((i, self.decode(raw)))
+                raw = self._parsed(raw)
+                if isinstance(raw.body, dict) and "probe" in raw.body:
+                    replies[i] = self.probe_reply(raw)
+                else:
+                    good.append((i, self.decode(raw)))
             except RequestError as e:
                 replies[i] = self.error_reply(e, v2=looks_v2(raw.body))
         return replies, good
+
+    def _parsed(self, raw: RawRequest) -> RawRequest:
+        """A JSON text body parsed once, so probe requests can be told from inference requests."""
+        body = raw.body
+        if isinstance(body, (bytes, bytearray, memoryview)) and not sniff_image(body) \
+                and bytes(body[:64]).lstrip()[:1] == b"{":
+            return RawRequest(self._parse_json(bytes(body)), raw.params, raw.probe_key)
+        if isinstance(body, str) and body.lstrip()[:1] == "{":
+            return RawRequest(self._parse_json(body.encode("utf-8")), raw.params, raw.probe_key)
+        return raw
+
+    def probe_reply(self, raw: RawRequest) -> Reply:
+        """``{"probe": {...}}``: see :mod:`serving.runtime.probing.runner`."""
+        extra = sorted(set(raw.body) - {"probe"})
+        if extra:
+            raise InvalidInput(f"a probe request holds only 'probe'; unexpected key(s) {extra}")
+        if self.probe_runner is None:
+            raise RequestError("probes are not enabled for this model on this host", status=403,
+                               code="probes_disabled")
+        status, body = self.probe_runner.handle(raw.body["probe"], raw.probe_key)
+        return Reply(status, body)
 
     def complete(self, replies: list[Optional[Reply]], good: list[tuple[int, Decoded]]) -> list[Reply]:
         """Runs the decoded requests as one batch and fills in their replies."""

@@ -18,6 +18,8 @@ from serving.serve import Instance, ServeConfig, start, stop
 from tests.unit.serving.builders import archive_small, export_small, write_untrained_checkpoint
 
 BATCH_DELAY_MS = 50  # generous, so concurrent requests reliably meet in one batch on a loaded 2-core machine
+# Small enough that the limits are reachable in a test; min_interval_s short so consecutive probes need little waiting.
+PROBE_LIMITS = {"max_n": 64, "max_steps": 30, "max_attacks": 3, "timeout_s": 120, "min_interval_s": 3}
 
 
 def free_ports(n: int) -> list[int]:
@@ -76,6 +78,33 @@ class Server:
     def post_json(self, path: str, doc: Any, **kw) -> Response:
         return self.request("POST", path, json.dumps(doc).encode(), {"Content-Type": "application/json"}, **kw)
 
+    def probe(self, model: str, probe: Any, key: Optional[str] = "server", **kw) -> Response:
+        """A probe request; key "server": the server's probe key, None: no key header."""
+        h = {"Content-Type": "application/json"}
+        if key is not None:
+            h["X-Probe-Key"] = self.inst.probe_key() if key == "server" else key
+        return self.request("POST", f"/predictions/{model}", json.dumps({"probe": probe}).encode(), h, **kw)
+
+    def probe_report(self, model: str, probe: Any, wait_s: float = 240) -> dict:
+        """Starts a probe (retrying while rate-limited) and polls it to its report."""
+        import time
+
+        deadline = time.monotonic() + wait_s
+        while True:
+            r = self.probe(model, probe)
+            if r.status != 429 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert r.status == 202, r.body
+        pid = r.body["probe"]["id"]
+        while time.monotonic() < deadline:
+            r = self.probe(model, {"action": "status", "id": pid})
+            if r.status == 200:
+                return r.body["probe"]
+            assert r.status == 202, r.body
+            time.sleep(0.3)
+        raise TimeoutError(f"probe {pid} of {model} did not finish in {wait_s} s")
+
     def gallery_dir(self, model: str) -> Path:
         dest = self.root / "unpacked" / model
         if not dest.exists():
@@ -87,14 +116,15 @@ class Server:
 @pytest.fixture(scope="session")
 def trained_classifier(tmp_path_factory) -> Path:
     """SmallCNN trained with the standard method for a few hundred steps: accurate enough that its answers mean
-    something, cheap enough for a test."""
+    something, cheap enough for a test. Its test accuracy is recorded in the checkpoint (the start-up
+    self-check's reference)."""
     from training.config import DataConfig, MethodConfig, ModelConfig, TrainConfig
     from training.trainer import train
 
     out = tmp_path_factory.mktemp("train") / "smallcnn"
     cfg = TrainConfig(data=DataConfig(name="fashion-mnist"), model=ModelConfig(arch="smallcnn"),
                       method=MethodConfig(name="standard"), epochs=1, batch_size=64, max_steps_per_epoch=300,
-                      eval_every=0, out_dir=str(out), resume=False, device="cpu")
+                      eval_every=1, out_dir=str(out), resume=False, device="cpu")
     return train(cfg) / "model.pt"
 
 
@@ -104,11 +134,12 @@ def server(tmp_path_factory, trained_classifier):
     store = root / "model_store"
     clf_export = export_small(trained_classifier, root / "exports" / "clf", parity_points=16, probe_points=64)
     emb_ckpt = write_untrained_checkpoint(root / "emb" / "model.pt", "c2f2")
-    emb_export = export_small(emb_ckpt, root / "exports" / "ret")
+    emb_export = export_small(emb_ckpt, root / "exports" / "ret", probe_points=64)
     batching = dict(batch_size=16, max_batch_delay_ms=BATCH_DELAY_MS)
-    archive_small(clf_export, store, "clf", **batching)
+    archive_small(clf_export, store, "clf", service={"probe": PROBE_LIMITS}, **batching)
     archive_small(clf_export, store, "clf-ts", service={"engine": "torchscript"}, **batching)
-    archive_small(emb_export, store, "ret", gallery={"subset": 1000}, **batching)
+    # The whole test set as gallery, so the probe images are gallery items whose self-matches must be excluded.
+    archive_small(emb_export, store, "ret", gallery={"subset": None}, service={"probe": PROBE_LIMITS}, **batching)
     ports = free_ports(5)
     cfg = ServeConfig(model_store=str(store), workdir=str(root / "serve"),
                       ports=dict(zip(("inference", "management", "metrics", "grpc_inference", "grpc_management"),

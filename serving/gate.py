@@ -1,0 +1,90 @@
+"""``robustserve gate``: a canary gate for rollouts. Probes a baseline and a candidate archive offline on the same
+probe set (the baseline's) with the same attacks and seed, and refuses promotion (exit 1) when the candidate's
+robustness drops by more than the allowed delta.
+
+Classifiers compare worst-case robust accuracy at every eps (and clean accuracy when ``max_clean_drop`` is
+set); retrieval models compare Recall@1 under attack and ERS-lite (in points of 100). The decision and both
+reports go to ``out`` as JSON.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import Field
+
+from serving.probe import ProbeParams, opened_archive, probe_offline
+from serving.runtime.spec import Frozen
+
+
+class GateConfig(Frozen):
+    baseline: str  # .mar or export folder now in production
+    candidate: str  # .mar or export folder to promote
+    probe: ProbeParams = ProbeParams()
+    max_drop: float = Field(0.02, ge=0.0, le=1.0)  # robust accuracy (or attacked Recall@1), absolute
+    max_clean_drop: Optional[float] = Field(None, ge=0.0, le=1.0)
+    max_ers_drop: float = Field(2.0, ge=0.0)  # ERS-lite points, retrieval only
+    out: Optional[str] = None
+
+
+def compare(base: dict, cand: dict, cfg: GateConfig) -> dict[str, Any]:
+    """{"promote": bool, "checks": [{figure, baseline, candidate, drop, allowed, ok}]}."""
+    if base.get("task") != cand.get("task"):
+        raise ValueError(f"the baseline is a {base.get('task')} model, the candidate a {cand.get('task')} model")
+    rb, rc = base["results"], cand["results"]
+    checks = []
+
+    def check(figure: str, b: float, c: float, allowed: Optional[float]) -> None:
+        if allowed is None:
+            return
+        drop = b - c
+        checks.append({"figure": figure, "baseline": b, "candidate": c, "drop": drop, "allowed": allowed,
+                       "ok": drop <= allowed + 1e-12})
+
+    if base["task"] == "classification":
+        check("clean_accuracy", rb["clean_accuracy"], rc["clean_accuracy"], cfg.max_clean_drop)
+        for row_b, row_c in zip(rb["robust"], rc["robust"]):
+            check(f"worst_case@eps={row_b['eps']:g}", row_b["worst_case"], row_c["worst_case"], cfg.max_drop)
+    else:
+        check("recall_at_1", rb["recall_at_1"], rc["recall_at_1"], cfg.max_clean_drop)
+        for row_b, row_c in zip(rb["robust"], rc["robust"]):
+            check(f"recall_at_1_attacked@eps={row_b['eps']:.4g}", row_b["recall_at_1_attacked"],
+                  row_c["recall_at_1_attacked"], cfg.max_drop)
+            check(f"ers_lite@eps={row_b['eps']:.4g}", row_b["ers_lite"], row_c["ers_lite"], cfg.max_ers_drop)
+    return {"promote": all(c["ok"] for c in checks), "checks": checks}
+
+
+def gate(cfg: GateConfig) -> dict[str, Any]:
+    from serving.probe import load_archive_service
+
+    with opened_archive(cfg.baseline) as root:
+        probes = load_archive_service(root).probes
+    if probes is None:
+        raise ValueError(f"{cfg.baseline} holds no probe set to compare on")
+    base = probe_offline(cfg.baseline, cfg.probe)
+    cand = probe_offline(cfg.candidate, cfg.probe, probes=probes)
+    if base["probe_set_sha256"] != cand["probe_set_sha256"] or base["config"] != cand["config"]:
+        raise RuntimeError("the two probes differ in probe set or attack config; refusing to compare them")
+    decision = compare(base, cand, cfg)
+    decision.update(baseline=base, candidate=cand, probe_set_sha256=base["probe_set_sha256"],
+                    config=base["config"], seed=base["seed"])
+    return decision
+
+
+def run(cfg: GateConfig) -> int:
+    decision = gate(cfg)
+    for c in decision["checks"]:
+        pct = "" if c["figure"].startswith("ers") else " (x100)"
+        scale = 1.0 if c["figure"].startswith("ers") else 100.0
+        print(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['figure']}{pct}: baseline {scale * c['baseline']:.2f}, "
+              f"candidate {scale * c['candidate']:.2f}, drop {scale * c['drop']:.2f} (allowed "
+              f"{scale * c['allowed']:.2f})")
+    verdict = "PROMOTE" if decision["promote"] else "REFUSE"
+    print(f"gate: {verdict} {cfg.candidate} over {cfg.baseline} (probe set {decision['probe_set_sha256'][:16]}..., "
+          f"attacks {decision['config']['attacks']}, eps {decision['config']['eps']}, seed {decision['seed']})")
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(json.dumps(decision, indent=1))
+        print(f"report: {cfg.out}")
+    return 0 if decision["promote"] else 1

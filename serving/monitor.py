@@ -1,0 +1,257 @@
+"""``robustserve monitor``: robustness probes of served models on a schedule, with metrics, an SLO and an alert.
+
+Every ``interval_s`` each model is probed inside the server (as ``robustserve probe model=...`` does). Its
+headline figure (worst-case robust accuracy at the smallest eps for a classifier, Recall@1 under the
+embedding-shift attack for a retrieval model) is held against the model's floor: below it ``alert_after``
+probes in a row, the model's alert is raised; one probe back at or above the floor clears it. A probe that
+fails, times out or is refused counts in ``robustserve_monitor_probes_total`` and leaves the last figures as they
+were.
+
+The monitor listens on loopback (``host``/``port``) with prometheus-client's registry:
+- ``/metrics``: the ``robustserve_monitor_*`` metrics (see ``deploy/monitoring/`` for the dashboard and rules);
+- ``/ready``: 200 while every model has a successful probe and no alert, else 503, with a JSON body saying why: a
+  robustness-aware readiness signal (a Kubernetes ``readinessProbe`` ``httpGet`` on it);
+- ``/healthz``: 200 while the monitor runs; ``/status``: the state as JSON.
+Each probe's report and the SLO state after it are appended to ``history`` (crash-safe JSON lines).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import Field, model_validator
+
+from serving.probe import ProbeFailed, ProbeParams, probe_served
+from serving.runtime.probing.history import ProbeHistory
+from serving.runtime.probing.metrics import PROBE_METRICS, report_samples
+from serving.runtime.spec import Frozen
+from serving.serve import Instance, ServeConfig, is_loopback, status
+
+log = logging.getLogger(__name__)
+
+PREFIX = "robustserve_monitor_"
+# The server's probe metric names, renamed for the monitor where a name alone would be ambiguous here.
+RENAME = {"duration_seconds": "probe_duration_seconds", "runs_total": "probes_total"}
+
+
+class MonitorConfig(Frozen):
+    server: ServeConfig = ServeConfig()
+    models: tuple[str, ...] = ()  # empty: every model the server serves
+    interval_s: float = Field(600.0, gt=0)
+    floor: float = Field(0.5, ge=0.0, le=1.0)  # worst-case robust accuracy, or Recall@1 under attack
+    floors: dict[str, float] = Field(default_factory=dict)  # per model, over ``floor``
+    alert_after: int = Field(1, ge=1)  # consecutive probes below the floor that raise the alert
+    probe: ProbeParams = ProbeParams()
+    host: str = "127.0.0.1"
+    port: int = Field(9108, ge=0, le=65535)  # 0: any free port (printed)
+    allow_non_loopback: bool = False
+    history: Optional[str] = None  # None: <server.workdir>/monitor/history.jsonl
+    rounds: Optional[int] = Field(None, ge=1)  # stop after this many rounds; None: until SIGTERM/SIGINT
+    wait_s: float = Field(900.0, gt=0)  # longest wait for one probe's report
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.allow_non_loopback and not is_loopback(self.host):
+            raise ValueError(f"host {self.host!r} is not a loopback address; set allow_non_loopback=true to expose "
+                             f"the monitor's endpoints beyond this machine")
+        bad = {m: f for m, f in self.floors.items() if not 0.0 <= f <= 1.0}
+        if bad:
+            raise ValueError(f"floors must lie in [0, 1], got {bad}")
+        return self
+
+
+def headline(report: dict) -> Optional[float]:
+    """The SLO figure of a successful report: worst case (classifier) or attacked Recall@1 (retrieval) at the
+    smallest eps."""
+    res = report.get("results")
+    if report.get("status") != "ok" or not res or not res.get("robust"):
+        return None
+    row = min(res["robust"], key=lambda r: r["eps"])
+    return float(row["worst_case"] if report.get("task") == "classification" else row["recall_at_1_attacked"])
+
+
+class Monitor:
+    def __init__(self, cfg: MonitorConfig):
+        self.cfg = cfg
+        self.inst = Instance(cfg.server)
+        self.registry = CollectorRegistry()
+        self.history = ProbeHistory(Path(cfg.history) if cfg.history else
+                                    self.inst.work / "monitor" / "history.jsonl")
+        self._gauges: dict[str, Gauge] = {}
+        self._counter = Counter(PREFIX + "probes", "Probes by outcome: ok, failed, timeout, refused",
+                                ["model", "status"], registry=self.registry)
+        for suffix, (kind, unit, labels) in PROBE_METRICS.items():
+            if kind == "gauge":
+                name = PREFIX + RENAME.get(suffix, suffix)
+                self._gauges[suffix] = Gauge(name, f"Latest successful probe: {suffix.replace('_', ' ')} ({unit})",
+                                             ["model", *labels], registry=self.registry)
+        self.floor_g = Gauge(PREFIX + "robust_accuracy_floor_ratio", "The configured floor of the SLO figure",
+                             ["model"], registry=self.registry)
+        self.slo_g = Gauge(PREFIX + "slo_ok", "1 while the latest SLO figure is at or above the floor",
+                           ["model"], registry=self.registry)
+        self.alert_g = Gauge(PREFIX + "alert", "1 while the robustness alert is raised", ["model"],
+                             registry=self.registry)
+        self.interval_g = Gauge(PREFIX + "probe_interval_seconds", "Seconds between scheduled probes", ["model"],
+                                registry=self.registry)
+        self.ready_g = Gauge(PREFIX + "ready", "1 when every monitored model meets its floor",
+                             registry=self.registry)
+        self.state: dict[str, dict[str, Any]] = {}
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.httpd: Optional[ThreadingHTTPServer] = None
+
+    def floor(self, model: str) -> float:
+        return self.cfg.floors.get(model, self.cfg.floor)
+
+    def models(self) -> list[str]:
+        if self.cfg.models:
+            return list(self.cfg.models)
+        st = status(self.cfg.server)
+        if not st["running"]:
+            raise RuntimeError(f"no TorchServe runs from {st['workdir']}: start it with `robustserve serve`")
+        return sorted(st["models"])
+
+    # --- one round ---------------------------------------------------------------------------------------------
+
+    def probe_model(self, model: str) -> dict[str, Any]:
+        try:
+            report = probe_served(self.inst, model, self.cfg.probe, self.cfg.wait_s)
+            outcome = str(report.get("status"))
+        except ProbeFailed as e:
+            report, outcome = {"status": "refused", "error": str(e)}, "refused" if e.status in (409, 429) else "failed"
+        except Exception as e:  # an unreachable server is an outcome to count, not a reason to stop monitoring
+            log.warning("probe of %s failed: %s", model, e)
+            report, outcome = {"status": "failed", "error": f"{type(e).__name__}: {e}"}, "failed"
+        self.record(model, report, outcome)
+        return report
+
+    def record(self, model: str, report: dict, outcome: str) -> None:
+        with self.lock:
+            st = self.state.setdefault(model, {"below": 0, "alert": False, "figure": None, "probes": 0})
+            st["probes"] += 1
+            st["last_outcome"] = outcome
+            self._counter.labels(model, outcome).inc()
+            self.floor_g.labels(model).set(self.floor(model))
+            self.interval_g.labels(model).set(self.cfg.interval_s)
+            fig = headline(report) if outcome == "ok" else None
+            if fig is not None:
+                for suffix, labels, value in report_samples(report):
+                    if suffix in self._gauges:
+                        self._gauges[suffix].labels(model, *labels.values()).set(value)
+                st["figure"] = fig
+                st["last_success"] = report.get("started_unix")
+                st["below"] = st["below"] + 1 if fig < self.floor(model) else 0
+                if st["below"] >= self.cfg.alert_after:
+                    if not st["alert"]:
+                        log.warning("ALERT %s: robustness %.3f below the floor %.3f (%d probe(s) in a row)", model,
+                                    fig, self.floor(model), st["below"])
+                    st["alert"] = True
+                elif st["below"] == 0:
+                    st["alert"] = False
+                self.slo_g.labels(model).set(1.0 if fig >= self.floor(model) else 0.0)
+            self.alert_g.labels(model).set(1.0 if st["alert"] else 0.0)
+            ready, _ = self._readiness()
+            self.ready_g.set(1.0 if ready else 0.0)
+            slo = {k: st[k] for k in ("figure", "below", "alert")}
+        self.history.append({"model": model, "outcome": outcome, "floor": self.floor(model), "slo": slo,
+                             "time": time.time(), "report": report})
+
+    def round(self) -> None:
+        for model in self.models():
+            if self.stop.is_set():
+                return
+            self.probe_model(model)
+
+    # --- readiness ---------------------------------------------------------------------------------------------
+
+    def _readiness(self) -> tuple[bool, dict[str, Any]]:
+        models = {}
+        for model in (self.cfg.models or sorted(self.state)):
+            st = self.state.get(model)
+            if st is None or st.get("figure") is None:
+                models[model] = {"ready": False, "why": "no successful probe yet"}
+            elif st["alert"]:
+                models[model] = {"ready": False, "why": f"robustness {st['figure']:.3f} below the floor "
+                                                        f"{self.floor(model):.3f}", "figure": st["figure"]}
+            else:
+                models[model] = {"ready": True, "figure": st["figure"], "floor": self.floor(model)}
+        return bool(models) and all(m["ready"] for m in models.values()), models
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        with self.lock:
+            return self._readiness()
+
+    # --- HTTP --------------------------------------------------------------------------------------------------
+
+    def serve_http(self) -> int:
+        monitor = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (the http.server hook name)
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, generate_latest(monitor.registry), CONTENT_TYPE_LATEST)
+                elif path == "/ready":
+                    ready, models = monitor.readiness()
+                    self._json(200 if ready else 503, {"ready": ready, "models": models})
+                elif path == "/healthz":
+                    self._json(200, {"alive": True})
+                elif path == "/status":
+                    with monitor.lock:
+                        self._json(200, {"models": monitor.state, "interval_s": monitor.cfg.interval_s})
+                else:
+                    self._json(404, {"error": f"no {path}; try /metrics, /ready, /healthz or /status"})
+
+            def _json(self, code: int, doc: Any) -> None:
+                self._send(code, json.dumps(doc).encode(), "application/json")
+
+            def _send(self, code: int, body: bytes, ctype: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt, *args):  # keep access logs out of the monitor's log
+                log.debug(fmt, *args)
+
+        self.httpd = ThreadingHTTPServer((self.cfg.host, self.cfg.port), Handler)
+        threading.Thread(target=self.httpd.serve_forever, name="monitor-http", daemon=True).start()
+        return self.httpd.server_address[1]
+
+    def close(self) -> None:
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+
+
+def run(cfg: MonitorConfig) -> int:
+    mon = Monitor(cfg)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: mon.stop.set())
+    port = mon.serve_http()
+    print(f"monitor: http://{cfg.host}:{port}/metrics, /ready, /status; probing every {cfg.interval_s:g} s; "
+          f"history {mon.history.path}", flush=True)
+    rounds = 0
+    try:
+        while not mon.stop.is_set():
+            mon.round()
+            rounds += 1
+            ready, models = mon.readiness()
+            print(f"round {rounds}: " + ", ".join(
+                f"{m}: {'ok' if s['ready'] else s['why']}" for m, s in models.items()), flush=True)
+            if cfg.rounds is not None and rounds >= cfg.rounds:
+                break
+            mon.stop.wait(cfg.interval_s)
+    finally:
+        mon.close()
+    ready, _ = mon.readiness()
+    return 0 if ready else 1

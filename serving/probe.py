@@ -1,0 +1,226 @@
+"""``robustserve probe``: one robustness probe, against a served model or offline against an archive.
+
+Served (``model=<name>``): the probe runs inside the server (TorchServe's worker for that model) and this command
+starts it with the inference token and the probe key from the server's work folder, polls its status and prints
+the report. Offline (``archive=<.mar or export folder>``): the same measurement runs in this process on the
+archive's own artifacts, probe set and gallery: what ``robustserve gate`` compares, and what a served probe must
+equal.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import yaml
+from pydantic import Field, model_validator
+
+from serving.runtime.probing.params import ProbeRequest, ProbeSettings
+from serving.runtime.spec import Frozen
+from serving.serve import Instance, ServeConfig
+
+log = logging.getLogger(__name__)
+
+
+class ProbeParams(Frozen):
+    """What to attack with (see :class:`serving.runtime.probing.params.ProbeRequest`); None: the server's
+    defaults (PGD, CW, APGD-CE at the model's eps, 20 steps, every probe image up to the cap; ES, QA-, GTT for a
+    retrieval model)."""
+
+    attacks: Optional[tuple[str, ...]] = None
+    eps: Optional[tuple[float, ...]] = None
+    steps: Optional[int] = Field(None, ge=1)
+    step: Optional[float] = Field(None, gt=0)
+    n: Optional[int] = Field(None, ge=1)
+    seed: int = Field(0, ge=0)
+
+    def request(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.model_dump().items() if v is not None}
+
+
+class ProbeCommand(Frozen):
+    server: ServeConfig = ServeConfig()  # where the served model runs (work folder, hosts, ports)
+    model: Optional[str] = None  # a served model's name
+    archive: Optional[str] = None  # offline: a .mar or an export folder
+    probe: ProbeParams = ProbeParams()
+    wait_s: float = Field(900.0, gt=0)  # how long to wait for a served probe's report
+    poll_s: float = Field(0.5, gt=0)
+    out: Optional[str] = None  # also write the report (JSON) here
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if (self.model is None) == (self.archive is None):
+            raise ValueError("give exactly one of model=<served model> or archive=<.mar or export folder>")
+        return self
+
+
+class ProbeFailed(RuntimeError):
+    def __init__(self, status: int, body: Any):
+        msg = body.get("error", {}).get("message") if isinstance(body, dict) and isinstance(
+            body.get("error"), dict) else body
+        super().__init__(f"HTTP {status}: {msg}")
+        self.status = status
+        self.body = body
+
+
+# --- served ------------------------------------------------------------------------------------------------------
+
+
+def probe_headers(inst: Instance) -> dict[str, str]:
+    key = inst.probe_key()
+    if key is None:
+        raise RuntimeError(f"no probe key in {inst.probe_key_file}: is the server running from {inst.work}, "
+                           f"started by `robustserve serve` with probe_key on?")
+    return {"X-Probe-Key": key, "Content-Type": "application/json"}
+
+
+def start_served(client, model: str, params: ProbeParams) -> dict:
+    """Starts a probe of a served model; returns the 202 answer's ``probe`` object (id, config)."""
+    r = client.request("POST", f"/predictions/{model}", json.dumps({"probe": params.request()}).encode(),
+                       probe_headers(client.inst))
+    if r.status != 202:
+        raise ProbeFailed(r.status, r.body)
+    return r.body["probe"]
+
+
+def poll_served(client, model: str, probe_id: str, wait_s: float, poll_s: float = 0.5) -> dict:
+    """The finished report of probe ``probe_id`` (status ok, failed or timeout)."""
+    deadline = time.monotonic() + wait_s
+    body = json.dumps({"probe": {"action": "status", "id": probe_id}}).encode()
+    while True:
+        r = client.request("POST", f"/predictions/{model}", body, probe_headers(client.inst))
+        if r.status == 200:
+            return r.body["probe"]
+        if r.status != 202:
+            raise ProbeFailed(r.status, r.body)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"probe {probe_id} of {model} still running after {wait_s:g} s")
+        time.sleep(poll_s)
+
+
+def probe_served(inst: Instance, model: str, params: ProbeParams, wait_s: float = 900.0,
+                 poll_s: float = 0.5) -> dict:
+    from serving.client import Client
+
+    client = Client(inst)
+    try:
+        started = start_served(client, model, params)
+        return poll_served(client, model, started["id"], wait_s, poll_s)
+    finally:
+        client.close()
+
+
+# --- offline -----------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def opened_archive(path: str | Path) -> Iterator[Path]:
+    """An export folder as it is, or a .mar unpacked into a temporary folder (as TorchServe does)."""
+    path = Path(path)
+    if path.is_dir():
+        yield path
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"archive not found: {path} (a .mar or an export folder)")
+    with tempfile.TemporaryDirectory(prefix="robustserve-probe-") as tmp:
+        with zipfile.ZipFile(path) as z:
+            z.extractall(tmp)
+        yield Path(tmp)
+
+
+def load_archive_service(root: Path, **kwargs: Any):
+    """The runtime service of an unpacked archive or export folder, with the handler settings of its
+    model-config.yaml when it has one."""
+    from serving.runtime.schemas import ServiceSettings
+    from serving.runtime.service import load_service
+
+    cfg_file = root / "model-config.yaml"
+    handler = (yaml.safe_load(cfg_file.read_text()) or {}).get("handler") if cfg_file.is_file() else None
+    return load_service(root, ServiceSettings.model_validate(handler or {}), device="cpu", **kwargs)
+
+
+def probe_offline(archive: str | Path, params: ProbeParams, probes=None) -> dict:
+    """A full probe report of an archive, measured in this process. ``probes``: a ProbeSet to use instead of the
+    archive's own (the gate probes both archives on one set)."""
+    from serving.runtime.errors import RequestError
+    from serving.runtime.probing.params import resolve
+    from serving.runtime.probing.runner import identity, run_probe
+
+    with opened_archive(archive) as root:
+        svc = load_archive_service(root)
+        if probes is not None:
+            svc.probes = probes
+        limits = svc.settings.probe
+        # Offline there is no traffic to protect: the archive's caps on n and steps still apply, its clock
+        # limits do not.
+        tm = svc.spec.threat_model
+        try:
+            cfg = resolve(ProbeRequest.model_validate(params.request()), svc.spec.task, tm.eps if tm else None,
+                          tuple(svc.spec.input_size), len(svc.probes) if svc.probes is not None else 0,
+                          ProbeSettings(**{**limits.model_dump(), "timeout_s": 1e9}))
+        except RequestError as e:
+            raise ValueError(e.message) from None
+        t0 = time.monotonic()
+        started = time.time()
+        report = {"id": "offline", "status": "ok", "error": None, "host": "offline", "archive": str(archive)}
+        report.update(run_probe(svc, svc.gradient_module(), cfg))
+        report.update(identity(svc, cfg))
+        report.update(started_unix=round(started, 3), duration_s=round(time.monotonic() - t0, 3))
+        return report
+
+
+# --- printing ----------------------------------------------------------------------------------------------------
+
+
+def summarize(report: dict) -> str:
+    """A few lines a person reads: the headline figures of a report."""
+    res = report.get("results") or {}
+    cfg = report.get("config") or {}
+    head = (f"probe {report.get('id')} of {report.get('model')}: {report.get('status')} in "
+            f"{report.get('duration_s', 0):.1f} s; attacks {cfg.get('attacks')} x {cfg.get('steps')} steps, "
+            f"n {cfg.get('n')}, seed {cfg.get('seed')}")
+    lines = [head]
+    if report.get("error"):
+        lines.append(f"  error: {report['error']}")
+    if not res:
+        return "\n".join(lines)
+    if report.get("task") == "classification":
+        lo, hi = res["clean_ci95"]
+        lines.append(f"  clean accuracy {100 * res['clean_accuracy']:.2f} % (95 % CI {100 * lo:.1f}-{100 * hi:.1f}), "
+                     f"served engine {100 * res['serving_clean_accuracy']:.2f} %")
+        for row in res["robust"]:
+            lo, hi = row["worst_case_ci95"]
+            cols = ", ".join(f"{k} {100 * v:.2f}" for k, v in row["attacks"].items())
+            lines.append(f"  eps {row['eps']:g}: {cols}; worst case {100 * row['worst_case']:.2f} % "
+                         f"(CI {100 * lo:.1f}-{100 * hi:.1f}); transfer to the served engine "
+                         f"{100 * row['transfer_worst_case']:.2f} %")
+        flags = {k: v["flag"] for k, v in res["flags"].items() if isinstance(v, dict)}
+        lines.append(f"  gradient-masking flags: {flags}")
+    else:
+        lines.append(f"  Recall@1 clean {100 * res['recall_at_1']:.2f} % (gallery {res['gallery']}, "
+                     f"{res['self_matches_excluded']} self-matches excluded)")
+        for row in res["robust"]:
+            lines.append(f"  eps {row['eps']:.4g}: Recall@1 under ES {100 * row['recall_at_1_attacked']:.2f} % "
+                         f"(served engine {100 * row['transfer_recall_at_1_attacked']:.2f} %), embedding shift "
+                         f"{row['embedding_shift']:.3f}, ERS-lite {row['ers_lite']:.1f} over {sorted(row['terms'])}")
+    lines.append(f"  model {report.get('artifacts')}, probe set {str(report.get('probe_set_sha256'))[:16]}..., "
+                 f"versions {report.get('versions')}")
+    return "\n".join(lines)
+
+
+def run(cfg: ProbeCommand) -> int:
+    if cfg.archive is not None:
+        report = probe_offline(cfg.archive, cfg.probe)
+    else:
+        report = probe_served(Instance(cfg.server), cfg.model, cfg.probe, cfg.wait_s, cfg.poll_s)
+    print(summarize(report))
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(json.dumps(report, indent=1))
+        print(f"report: {cfg.out}")
+    return 0 if report.get("status") == "ok" else 1

@@ -1,0 +1,108 @@
+"""Probe requests, their resolved configuration, and the limits a server enforces."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.runtime.spec import Frozen
+
+CLASSIFIER_ATTACKS = ("pgd", "cw", "apgd-ce", "apgd-t", "fgsm")
+RETRIEVAL_ATTACKS = ("ES", "CA+", "CA-", "QA+", "QA-", "TMA", "LTM", "GTM", "GTT")
+DEFAULT_CLASSIFIER_ATTACKS = ("pgd", "cw", "apgd-ce")
+# ES gives Recall@1 under attack and the embedding shift; QA- and GTT are the cheapest ranking attacks on the
+# query side.
+DEFAULT_RETRIEVAL_ATTACKS = ("ES", "QA-", "GTT")
+
+
+class ProbeSettings(Frozen):
+    """Limits on probes of one served model (the ``handler.probe`` section of ``model-config.yaml``)."""
+
+    enabled: bool = True
+    max_n: int = Field(512, ge=1)  # probe images per probe
+    max_steps: int = Field(100, ge=1)  # attack iterations
+    max_attacks: int = Field(4, ge=1)
+    max_eps_values: int = Field(4, ge=1)
+    max_eps: float = Field(0.5, gt=0)  # L-inf, pixel units
+    timeout_s: float = Field(300.0, gt=0)  # a probe past this stops at its next batch and reports "timeout"
+    min_interval_s: float = Field(10.0, ge=0)  # between two probe starts of one model
+    batch_size: int = Field(128, ge=1)
+    threads: int = Field(1, ge=1)  # torch intra-op threads for the attack; serving keeps its own
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProbeRequest(_Strict):
+    """The ``probe`` object of a probe request. action ``start`` (the default) begins a probe and answers 202 with
+    its id; ``status`` answers the report of ``id`` (202 while it runs); ``last`` the newest report."""
+
+    action: Literal["start", "status", "last"] = "start"
+    id: Optional[str] = Field(None, pattern=r"^[0-9a-f]{8,32}$")
+    attacks: Optional[list[str]] = Field(None, min_length=1)
+    eps: Optional[list[float]] = Field(None, min_length=1)
+    steps: Optional[int] = Field(None, ge=1)
+    step: Optional[float] = Field(None, gt=0)  # absolute step size; None: eps / 4 (classifiers), 3/255 (embedders)
+    n: Optional[int] = Field(None, ge=1)  # first n probe images; None: all of them (up to the cap)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class ProbeConfig(Frozen):
+    """A probe's resolved attack configuration: with the model and probe-set hashes, what makes it repeatable."""
+
+    task: Literal["classification", "embedding"]
+    attacks: tuple[str, ...]
+    eps: tuple[float, ...]
+    steps: int
+    step: Optional[float] = None  # None: step_ratio * eps
+    step_ratio: float = 0.25
+    n: int
+    seed: int = 0
+    batch_size: int = 128
+    norm: Literal["linf"] = "linf"
+
+
+def resolve(req: ProbeRequest, task: str, threat_eps: Optional[float], input_size: tuple[int, int],
+            available: int, limits: ProbeSettings) -> ProbeConfig:
+    """A start request -> its full configuration, or InvalidInput saying which limit or value is wrong."""
+    from serving.runtime.errors import InvalidInput
+
+    allowed = CLASSIFIER_ATTACKS if task == "classification" else RETRIEVAL_ATTACKS
+    attacks = tuple(req.attacks) if req.attacks else (
+        DEFAULT_CLASSIFIER_ATTACKS if task == "classification" else DEFAULT_RETRIEVAL_ATTACKS)
+    bad = [a for a in attacks if a not in allowed]
+    if bad:
+        raise InvalidInput(f"unknown attack(s) {bad} for a {task} model; choose from {list(allowed)}")
+    if len(set(attacks)) != len(attacks):
+        raise InvalidInput(f"attacks {list(attacks)} name one attack twice")
+    if task == "embedding" and "ES" not in attacks:
+        attacks = ("ES", *attacks)  # Recall@1 under attack and the embedding shift come from ES
+    if len(attacks) > limits.max_attacks:
+        raise InvalidInput(f"{len(attacks)} attacks asked for; this server allows at most {limits.max_attacks}")
+    if req.eps:
+        eps = tuple(sorted(set(float(e) for e in req.eps)))
+    elif task == "classification":
+        eps = (threat_eps if threat_eps else 0.1,)
+    else:
+        eps = (threat_eps if threat_eps else (77 / 255 if max(input_size) <= 32 else 8 / 255),)
+    if any(not 0 < e <= limits.max_eps for e in eps):
+        raise InvalidInput(f"eps {list(eps)}: every value must lie in (0, {limits.max_eps:g}] (L-inf, pixel units "
+                           f"of [0, 1] images)")
+    if len(eps) > limits.max_eps_values:
+        raise InvalidInput(f"{len(eps)} eps values asked for; this server allows at most {limits.max_eps_values}")
+    steps = req.steps if req.steps is not None else min(20 if task == "classification" else 32, limits.max_steps)
+    if steps > limits.max_steps:
+        raise InvalidInput(f"steps {steps} exceeds this server's cap of {limits.max_steps}")
+    if available < 1:
+        raise InvalidInput("this model's archive holds no probe set; re-export it to probe it")
+    n = req.n if req.n is not None else min(available, limits.max_n)
+    if n > limits.max_n:
+        raise InvalidInput(f"n {n} exceeds this server's cap of {limits.max_n} probe images")
+    if n > available:
+        raise InvalidInput(f"n {n} exceeds the {available} images of this model's probe set")
+    if task == "embedding" and n < 2:
+        raise InvalidInput("a retrieval probe needs at least 2 images")
+    step = req.step if req.step is not None else (None if task == "classification" else 3 / 255)
+    return ProbeConfig(task=task, attacks=attacks, eps=eps, steps=steps, step=step, n=n, seed=req.seed,
+                       batch_size=limits.batch_size)
