@@ -10,6 +10,9 @@
 # gRPC inference (7070) listen on all interfaces of the container; management (8081) only on its loopback.
 # Token authorization stays on: the keys are in /srv/robustserve/key_file.json inside the container
 # (docker exec <container> cat /srv/robustserve/key_file.json); send "Authorization: Bearer <inference key>".
+# Robustness probes need the probe key as well (X-Probe-Key), in /srv/robustserve/probe_key.json; their history is
+# kept in /srv/robustserve/probes. The monitor runs as a second process or container:
+#   python3 -m serving.cli monitor --set server.workdir=/srv/robustserve ...  (probe, gate likewise)
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
@@ -37,13 +40,15 @@ RUN python3 -m venv /opt/venv \
     else \
       pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu && ORT=onnxruntime; \
     fi \
- && pip install -c /tmp/constraints.txt torchserve==0.12.0 pyyaml pydantic numpy pillow faiss-cpu psutil "$ORT" \
+ && pip install -c /tmp/constraints.txt torchserve==0.12.0 pyyaml pydantic numpy pillow faiss-cpu psutil tqdm \
+      prometheus-client "$ORT" \
  && rm /tmp/constraints.txt
 
 # Archives carry their own copy of the handler and runtime; the image needs the launcher (serve.py and what it
 # imports) to start TorchServe, and keeps the runtime for tools run inside the container.
 WORKDIR /opt/robustserve
-COPY serving/__init__.py serving/configio.py serving/serve.py serving/client.py serving/
+COPY serving/__init__.py serving/configio.py serving/serve.py serving/client.py serving/probe.py serving/monitor.py \
+     serving/gate.py serving/
 COPY serving/runtime/ serving/runtime/
 COPY handlers/ handlers/
 ENV PYTHONPATH=/opt/robustserve

@@ -92,3 +92,29 @@ def test_kserve_layout():
     model = isvc["spec"]["predictor"]["model"]
     assert model["protocolVersion"] == "v2" and model["modelFormat"]["name"] == "pytorch"
     assert model["storageUri"]
+
+
+def test_kserve_declares_the_probe_metrics_and_wires_the_probe_key():
+    from serving.serve import metrics_yaml
+
+    base = ROOT / "deploy" / "kserve"
+    p = properties(base / "config" / "config.properties")
+    assert p["metrics_config"] == "/mnt/models/config/metrics.yaml"
+    # The shipped file is what the server writes for itself, so the two never drift apart.
+    assert yaml.safe_load((base / "config" / "metrics.yaml").read_text()) == yaml.safe_load(metrics_yaml())
+    isvc = yaml.safe_load((base / "inferenceservice.yaml").read_text())
+    model = isvc["spec"]["predictor"]["model"]
+    env = {e["name"]: e["value"] for e in model["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in model["volumeMounts"]}
+    volumes = {v["name"]: v for v in isvc["spec"]["predictor"]["volumes"]}
+    assert env["ROBUSTSERVE_PROBE_KEY_FILE"].startswith(mounts["probe-key"] + "/")
+    assert env["ROBUSTSERVE_PROBE_DIR"] == mounts["probe-state"]
+    assert volumes["probe-key"]["secret"]["secretName"] and "emptyDir" in volumes["probe-state"]
+
+
+def test_the_image_carries_what_probes_and_the_monitor_import():
+    run = " ".join(r for w, r in dockerfile_instructions() if w == "RUN")
+    assert "tqdm" in run and "prometheus-client" in run
+    copies = " ".join(r for w, r in dockerfile_instructions() if w == "COPY")
+    for module in ("probe.py", "monitor.py", "gate.py"):
+        assert f"serving/{module}" in copies
