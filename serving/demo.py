@@ -2,7 +2,8 @@
 
 Train a robust classifier and a robust embedder, evaluate both under attack, export them (TorchScript + ONNX,
 parity-checked), archive them, serve them with TorchServe (loopback, token authorization), send classification
-and retrieval requests over HTTP with the token, print the answers and a few metrics, and stop the server.
+and retrieval requests over HTTP with the token, probe both models' robustness inside the server, print the
+answers, the probe reports and a few metrics, and stop the server.
 Each model's training method is one config value (``--set classifier.method=trades``,
 ``--set embedder.method=triplet``).
 """
@@ -77,6 +78,10 @@ class DemoConfig(Frozen):
     gallery_index: str = "flat"
     ports: Optional[Ports] = None  # None: free loopback ports, so the demo never collides with a running server
     requests: int = Field(4, ge=1)  # test images sent to each model
+    # In-server robustness probes of both served models: probe images and attack steps.
+    probe_n: int = Field(256, ge=2)
+    probe_steps: int = Field(20, ge=1)
+    retrieval_probe_n: int = Field(64, ge=2)
     num_threads: Optional[int] = Field(None, ge=1)
 
 
@@ -247,10 +252,27 @@ def _talk(inst, names: dict[str, str], exports: dict[str, Path], cfg: DemoConfig
               f"HTTP {r.status}: {same}/5 other neighbours of its class; nearest "
               + ", ".join(f"{n['id'].rsplit('/', 1)[-1]} {n['label_name']} d={n['distance']:.3f}" for n in hits[:3]))
 
+    from serving.probe import ProbeParams, probe_served, summarize
+
+    _stage("robustness probes inside the server (the probe key from probe_key.json in X-Probe-Key; they run beside "
+           "regular traffic)")
+    for model, params in ((clf, ProbeParams(n=cfg.probe_n, steps=cfg.probe_steps)),
+                          (ret, ProbeParams(n=cfg.retrieval_probe_n, steps=cfg.probe_steps))):
+        print(summarize(probe_served(inst, model, params, wait_s=900)))
+
     _stage("metrics (Prometheus, metrics port, no token needed)")
-    wanted = ("ts_inference_requests_total", "Requests2XX", "Requests4XX", "InferredImages", "InvalidRequests")
-    for line in client.metrics().splitlines():
-        if line.startswith(wanted):
+    wanted = ("ts_inference_requests_total", "Requests2XX", "Requests4XX", "InferredImages", "InvalidRequests",
+              "robustserve_probe_robust_accuracy_ratio", "robustserve_probe_clean_accuracy_ratio", "robustserve_probe_ers_lite",
+              "robustserve_probe_recall_at_1_ratio", "robustserve_probe_runs_total")
+    deadline = time.monotonic() + 15
+    while True:  # the worker reports a probe's metrics as it finishes; the frontend picks them up shortly after
+        text = client.metrics()
+        if "robustserve_probe_ers_lite" in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for line in text.splitlines():
+        # Of the robust accuracy series (one per attack and eps), the worst case per point says it all.
+        if line.startswith(wanted) and ("robust_accuracy" not in line or 'attack="worst"' in line):
             print(f"  {line}")
     client.close()
     anon.close()
