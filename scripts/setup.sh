@@ -35,6 +35,15 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
 fi
 
+# Optional: promtool (Debian's prometheus package) checks deploy/monitoring/prometheus-rules.yaml in the tests;
+# they skip that check without it, so a failed install here is not an error.
+if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+   && [ -z "${ROBUSTSERVE_NO_PROMTOOL:-}" ]; then
+  echo "setup: installing promtool (Debian package prometheus; ROBUSTSERVE_NO_PROMTOOL=1 skips it)"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+     >/dev/null 2>&1) || echo "setup: promtool not installed; the rules check will be skipped" >&2
+fi
+
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 $PIP install --upgrade pip 2>&1 | grep -v "is ignored" || true

@@ -135,6 +135,11 @@ class Monitor:
 
     def record(self, model: str, report: dict, outcome: str) -> None:
         with self.lock:
+            if model not in self.state:
+                # Every outcome's series exists from the first probe on, so rate() and increase() see a first
+                # failure as a change from 0.
+                for outcome_ in ("ok", "failed", "timeout", "refused"):
+                    self._counter.labels(model, outcome_)
             st = self.state.setdefault(model, {"below": 0, "alert": False, "figure": None, "probes": 0})
             st["probes"] += 1
             st["last_outcome"] = outcome
