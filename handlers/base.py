@@ -107,7 +107,8 @@ class TorchServeAdapter:
             # How many requests shared this handler call: lets clients and tests see batching at work.
             context.set_response_header(i, BATCH_HEADER, str(len(data)))
             out.append(reply.json())
-        self._metrics(context, len(data) - len(good), sum(len(d.x) for _, d in good), t1 - t0, t2 - t1)
+        bad = sum(r.status >= 400 for r in replies)
+        self._metrics(context, bad, sum(len(d.x) for _, d in good), t1 - t0, t2 - t1)
         return out
 
     @staticmethod

@@ -18,12 +18,11 @@ import platform
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_serving import free_ports, pngs, summarise  # noqa: E402
+from bench_serving import free_ports, pngs, served  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,51 +34,6 @@ def untrained_export(work: Path, probe_points: int) -> Path:
     ckpt = write_untrained_checkpoint(work / "ckpt" / "model.pt", "smallcnn")
     return export(ExportConfig(checkpoint=str(ckpt), out_dir=str(work / "export"), name="bench",
                                parity_points=8, probe_points=probe_points, attack_steps=2))
-
-
-def load(inst, model: str, images: list[bytes], concurrency: int, until) -> dict:
-    """Closed-loop clients (one connection each) until ``until()`` is true; latencies of every request."""
-    from serving.client import Client
-
-    lat: list[list[float]] = [[] for _ in range(concurrency)]
-    errors = [0] * concurrency
-    gate = threading.Barrier(concurrency + 1)
-
-    def worker(i: int) -> None:
-        c = Client(inst)
-        for j in range(10):
-            c.predict(model, images[(i + j) % len(images)])
-        gate.wait()
-        j = 0
-        while not until():
-            t = time.perf_counter()
-            r = c.predict(model, images[(i * 7919 + j) % len(images)])
-            lat[i].append(time.perf_counter() - t)
-            errors[i] += r.status != 200
-            j += 1
-        c.close()
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-    for t in threads:
-        t.start()
-    gate.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    out = summarise([x for part in lat for x in part], time.perf_counter() - t0)
-    out["errors"] = sum(errors)
-    return out
-
-
-def timed(seconds: float):
-    end = [None]
-
-    def until() -> bool:
-        if end[0] is None:
-            end[0] = time.perf_counter() + seconds
-        return time.perf_counter() >= end[0]
-
-    return until
 
 
 def main() -> int:
@@ -120,7 +74,7 @@ def main() -> int:
         inst = start(cfg)
         try:
             for conc in args.concurrency:
-                before = load(inst, "bench", images, conc, timed(args.seconds))
+                before = served(inst, "bench", images, conc, args.seconds, warmup=10)
                 client = Client(inst)
                 probe_id = start_served(client, "bench", params)["id"]
                 done = threading.Event()
@@ -132,9 +86,9 @@ def main() -> int:
 
                 waiter = threading.Thread(target=wait_probe)
                 waiter.start()
-                during = load(inst, "bench", images, conc, done.is_set)
+                during = served(inst, "bench", images, conc, 0, warmup=10, until=done.is_set)
                 waiter.join()
-                after = load(inst, "bench", images, conc, timed(args.seconds))
+                after = served(inst, "bench", images, conc, args.seconds, warmup=10)
                 client.close()
                 results["runs"].append({"concurrency": conc, "before": before, "during": during, "after": after,
                                         "probe_seconds": report.get("duration_s"),

@@ -85,7 +85,9 @@ def summarise(lat_s: list[float], wall_s: float) -> dict:
             "mean_ms": round(1000 * statistics.fmean(lat), 2)}
 
 
-def served(inst, model: str, images: list[bytes], concurrency: int, seconds: float, warmup: int) -> dict:
+def served(inst, model: str, images: list[bytes], concurrency: int, seconds: float, warmup: int,
+           until=None) -> dict:
+    """Closed-loop clients, one connection each, for ``seconds`` (or until ``until()`` is true)."""
     from serving.client import Client
 
     lat: list[list[float]] = [[] for _ in range(concurrency)]
@@ -100,7 +102,7 @@ def served(inst, model: str, images: list[bytes], concurrency: int, seconds: flo
             c.predict(model, images[(i + j) % len(images)])
         start_gate.wait()
         j = 0
-        while time.perf_counter() < stop_at[0]:
+        while (not until()) if until is not None else time.perf_counter() < stop_at[0]:
             t = time.perf_counter()
             r = c.predict(model, images[(i * 7919 + j) % len(images)])
             lat[i].append(time.perf_counter() - t)

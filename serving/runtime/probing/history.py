@@ -33,7 +33,9 @@ class ProbeHistory:
 
     def append(self, report: dict) -> None:
         body = _canonical(report)
-        line = json.dumps({"report": report, "sha256": hashlib.sha256(body).hexdigest()}, sort_keys=True,
+        # The line keeps the report's own key order (a cascade's columns are in attack order); only the hash is
+        # taken over the canonical, key-sorted form.
+        line = json.dumps({"report": report, "sha256": hashlib.sha256(body).hexdigest()},
                           allow_nan=False).encode() + b"\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
