@@ -19,8 +19,8 @@ from serving.runtime.spec import Frozen
 
 
 class GateConfig(Frozen):
-    baseline: str  # .mar or export folder now in production
-    candidate: str  # .mar or export folder to promote
+    baseline: Optional[str] = None  # .mar or export folder now in production
+    candidate: Optional[str] = None  # .mar or export folder to promote
     probe: ProbeParams = ProbeParams()
     max_drop: float = Field(0.02, ge=0.0, le=1.0)  # robust accuracy (or attacked Recall@1), absolute
     max_clean_drop: Optional[float] = Field(None, ge=0.0, le=1.0)
@@ -58,6 +58,8 @@ def compare(base: dict, cand: dict, cfg: GateConfig) -> dict[str, Any]:
 def gate(cfg: GateConfig) -> dict[str, Any]:
     from serving.probe import load_archive_service
 
+    if cfg.baseline is None or cfg.candidate is None:
+        raise ValueError("name both archives: --set baseline=<.mar or export folder> --set candidate=<...>")
     with opened_archive(cfg.baseline) as root:
         probes = load_archive_service(root).probes
     if probes is None:

@@ -54,8 +54,8 @@ class ProbeCommand(Frozen):
 
     @model_validator(mode="after")
     def _one_target(self):
-        if (self.model is None) == (self.archive is None):
-            raise ValueError("give exactly one of model=<served model> or archive=<.mar or export folder>")
+        if self.model is not None and self.archive is not None:
+            raise ValueError("give one of model=<served model> or archive=<.mar or export folder>, not both")
         return self
 
 
@@ -214,6 +214,8 @@ def summarize(report: dict) -> str:
 
 
 def run(cfg: ProbeCommand) -> int:
+    if cfg.model is None and cfg.archive is None:
+        raise ValueError("say what to probe: --set model=<served model> or --set archive=<.mar or export folder>")
     if cfg.archive is not None:
         report = probe_offline(cfg.archive, cfg.probe)
     else:
