@@ -129,8 +129,12 @@ class ProbeRunner:
                                status=429, code="rate_limited")
             raise err from None
         t = threading.Thread(target=self._run, args=(probe_id, cfg, fd), name=f"probe-{probe_id}", daemon=True)
+        try:
+            t.start()
+        except BaseException:
+            ProbeGate.release(fd)
+            raise
         self._thread = t
-        t.start()
         return 202, {"probe": {"id": probe_id, "status": "running", "model": svc.name,
                                "config": cfg.model_dump(mode="json"), "timeout_s": self.settings.timeout_s,
                                "poll": {"probe": {"action": "status", "id": probe_id}}}}
