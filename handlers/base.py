@@ -80,15 +80,16 @@ class TorchServeAdapter:
                 params[key] = value
         if not isinstance(item, dict):
             return RawRequest(body=item, params=params, probe_key=probe_key)
+        if "probe" in item and not any(k in item for k in PAYLOAD_KEYS):
+            # A JSON body arrives already decoded: its own keys are the whole request; header options are an
+            # inference request's business.
+            return RawRequest(body=dict(item), params={}, probe_key=probe_key)
         body = None
         for key, value in item.items():
             if key in PAYLOAD_KEYS and body is None:
                 body = value
             else:
                 params[key] = value
-        if body is None and "probe" in params:
-            # A JSON body arrives already decoded: {"probe": {...}} is the whole request.
-            return RawRequest(body={"probe": params.pop("probe"), **params}, params={}, probe_key=probe_key)
         return RawRequest(body=body, params=params, probe_key=probe_key)
 
     def handle(self, data: list, context: Any) -> list[str]:

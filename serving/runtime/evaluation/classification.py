@@ -58,13 +58,15 @@ def make_attack(spec: AttackSpec, model: nn.Module, eps: float, seed: int):
 
 def run_attack_on(model: nn.Module, attack_spec: AttackSpec, x: torch.Tensor, y: torch.Tensor, eps: float,
                   seed: int, batch_size: int, desc: str = "", sink: Optional[AdversarialSink] = None,
-                  progress: bool = True) -> torch.Tensor:
+                  progress: bool = True, deadline: Optional[float] = None) -> torch.Tensor:
     """Returns a bool mask [N]: True where the model still classifies the attacked point correctly. ``sink``
-    receives every batch of adversarial examples with its positions in x."""
+    receives every batch of adversarial examples with its positions in x. Past ``deadline``
+    (time.monotonic()) a TimeoutError is raised before the next batch."""
     attack = make_attack(attack_spec, model, eps, seed)
     keep = torch.empty(len(x), dtype=torch.bool, device=x.device)
     for s in tqdm(range(0, len(x), batch_size), desc=desc, leave=False,
                   disable=not progress or len(x) <= batch_size):
+        _check_deadline(deadline, f"{label(attack_spec)} at eps {eps:g}")
         xb, yb = x[s:s + batch_size], y[s:s + batch_size]
         xa = attack(xb, yb)
         if sink is not None:
@@ -85,18 +87,23 @@ def cascade(model: nn.Module, attacks: Sequence[AttackSpec], x: torch.Tensor, y:
     n = len(x)
     cumulative, seconds = {}, {}
     for a in attacks:
-        if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(f"time budget spent before {label(a)} at eps {eps:g}")
         t0 = time.perf_counter()
         idx = robust.nonzero().squeeze(1)
         if len(idx):
             inner = None if sink is None else (lambda xa, pos, _a=a, _idx=idx: sink(label(_a), xa, _idx[pos]))
             still = run_attack_on(model, a, x[idx], y[idx], eps, seed, batch_size, desc=f"{a.name} eps={eps:g}",
-                                  sink=inner, progress=progress)
+                                  sink=inner, progress=progress, deadline=deadline)
             robust[idx[~still]] = False
+        # A budget overrun in the last batch of an attack is an overrun too.
+        _check_deadline(deadline, f"after {label(a)} at eps {eps:g}")
         cumulative[label(a)] = robust.sum().item() / n if n else 0.0
         seconds[label(a)] = round(time.perf_counter() - t0, 2)
     return cumulative, robust, seconds
+
+
+def _check_deadline(deadline: Optional[float], where: str) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise TimeoutError(f"time budget spent ({where})")
 
 
 def label(a: AttackSpec) -> str:
@@ -125,9 +132,10 @@ def gradient_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     model.eval()
     try:
         with torch.inference_mode(False), torch.enable_grad():
+            # Fresh copies of both: tensors made under a host's inference mode cannot be saved for backward.
             xg = x.detach().clone().requires_grad_(True)
             logits = model(xg)
-            loss = nn.functional.cross_entropy(logits, y, reduction="sum")
+            loss = nn.functional.cross_entropy(logits, y.detach().clone(), reduction="sum")
             (g,) = torch.autograd.grad(loss, xg)
     finally:
         model.train(was)

@@ -6,8 +6,10 @@ skip any line that does not parse or whose hash does not match, and the next app
 no earlier report is ever lost or changed.
 
 Gate: an ``flock`` on ``<model>.lock`` held for the whole probe (across the worker processes of one model, and
-released by the kernel if a worker dies), and the time of the last start in ``<model>.state.json`` for the rate
-limit.
+released by the kernel if a worker dies), and ``<model>.state.json``: the running probe's id, its start (for the
+rate limit), its worker's pid and whether it still runs. Asking whether a probe runs reads only the state file
+(never the lock, so a status poll cannot make a concurrent start fail); a probe whose worker died counts as
+finished.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -107,6 +110,8 @@ class RateLimited(Exception):
 class ProbeGate:
     """One probe at a time per model, and at least ``min_interval_s`` between two starts."""
 
+    _held: dict[int, Path] = {}  # lock fd -> its state file, so release() can mark the probe finished
+
     def __init__(self, root: str | Path, model: str):
         self.root = Path(root)
         name = _SAFE.sub("_", model)
@@ -126,37 +131,55 @@ class ProbeGate:
         last = float(self.state().get("started_unix", 0.0))
         wait = last + min_interval_s - now
         if wait > 0:
-            self.release(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
             raise RateLimited(wait)
-        tmp = self.state_path.with_name(self.state_path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"id": probe_id, "started_unix": now, "pid": os.getpid()}))
-        os.replace(tmp, self.state_path)
+        _write_state(self.state_path, {"id": probe_id, "started_unix": now, "pid": os.getpid(), "running": True})
+        ProbeGate._held[fd] = self.state_path
         return fd
 
     @staticmethod
     def release(fd: int) -> None:
+        path = ProbeGate._held.pop(fd, None)
         try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            if path is not None:
+                state = _read_state(path)
+                _write_state(path, {**state, "running": False})
         finally:
-            os.close(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
 
     def state(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
-            return {}
+        return _read_state(self.state_path)
 
     def running(self) -> Optional[dict]:
-        """The state of the probe holding the lock, or None when none runs."""
-        if not self.lock_path.exists():
-            return None
-        fd = os.open(self.lock_path, os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return self.state()
-        else:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        finally:
-            os.close(fd)
+        """The state of the running probe, or None when none runs."""
+        state = self.state()
+        if state.get("running") and _alive(state.get("pid")):
+            return state
+        return None
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, path)
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, under another user
+        return True
+    return True
