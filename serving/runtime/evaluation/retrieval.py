@@ -162,6 +162,8 @@ def attack_queries(model: nn.Module, xq: torch.Tensor, yq: torch.Tensor, self_id
                 on_batch(name, x_adv, e_adv, rows)
             for k, v in measure(name, e_adv, tgt).items():
                 outs.setdefault(k, []).append(v.cpu())
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"time budget spent (after {name})")
         vals = {k: float(torch.cat(v).mean()) for k, v in outs.items()}
         if name == "ES":
             raw["ES:D"], raw["ES:R"] = vals["shift"], vals["r1"]
