@@ -103,6 +103,7 @@ class ModelService:
             raise ArtifactError(f"{self.root} holds a {self.spec.task} model, not a {self.task} model")
         self.name = name or self.manifest.name
         self.version = version
+        self.gpu_id = gpu_id
         self.session: InferenceSession = open_session(
             self.root, self.manifest, engine=settings.engine, fallback=settings.fallback_to_torchscript,
             threads=settings.threads, device=device, gpu_id=gpu_id)
@@ -122,15 +123,19 @@ class ModelService:
         return self.probe_runner
 
     def gradient_module(self):
-        """The differentiable twin of the served artifact (TorchScript, CPU, eval mode), for probes."""
+        """The differentiable twin of the served artifact (TorchScript, eval mode), for probes: on the GPU the
+        serving session runs on, else on the CPU."""
         import warnings
 
         import torch
 
         path = verify_artifact(self.root, self.manifest, "torchscript")
+        dev = "cpu"
+        if self.session.device == "cuda" and torch.cuda.is_available():
+            dev = f"cuda:{int(self.gpu_id or 0)}"
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
-            return torch.jit.load(str(path), map_location="cpu").eval()
+            return torch.jit.load(str(path), map_location=dev).eval()
 
     @property
     def option_keys(self) -> tuple[str, ...]:

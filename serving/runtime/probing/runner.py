@@ -203,12 +203,13 @@ def run_probe(service: Any, module: Any, cfg: ProbeConfig, deadline: Optional[fl
 
     if service.probes is None:
         raise InvalidInput("this model's archive holds no probe set")
+    device = str(next(iter(module.parameters())).device)
     if cfg.task == "classification":
-        results = classifier_probe(module, service.forward, service.probes, cfg, deadline=deadline)
+        results = classifier_probe(module, service.forward, service.probes, cfg, deadline=deadline, device=device)
     else:
         idx = service.index
         results = retrieval_probe(module, service.forward, service.probes, cfg, idx.vectors(), idx.labels,
-                                  idx.ids, deadline=deadline)
+                                  idx.ids, deadline=deadline, device=device)
     return {"results": results}
 
 
