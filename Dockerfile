@@ -47,8 +47,8 @@ RUN python3 -m venv /opt/venv \
 # Archives carry their own copy of the handler and runtime; the image needs the launcher (serve.py and what it
 # imports) to start TorchServe, and keeps the runtime for tools run inside the container.
 WORKDIR /opt/robustserve
-COPY serving/__init__.py serving/configio.py serving/serve.py serving/client.py serving/probe.py serving/monitor.py \
-     serving/gate.py serving/
+COPY serving/__init__.py serving/cli.py serving/configio.py serving/serve.py serving/client.py serving/probe.py \
+     serving/monitor.py serving/gate.py serving/
 COPY serving/runtime/ serving/runtime/
 COPY handlers/ handlers/
 ENV PYTHONPATH=/opt/robustserve

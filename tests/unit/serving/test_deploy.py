@@ -116,5 +116,5 @@ def test_the_image_carries_what_probes_and_the_monitor_import():
     run = " ".join(r for w, r in dockerfile_instructions() if w == "RUN")
     assert "tqdm" in run and "prometheus-client" in run
     copies = " ".join(r for w, r in dockerfile_instructions() if w == "COPY")
-    for module in ("probe.py", "monitor.py", "gate.py"):
+    for module in ("cli.py", "probe.py", "monitor.py", "gate.py"):
         assert f"serving/{module}" in copies
