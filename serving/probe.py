@@ -199,7 +199,8 @@ def summarize(report: dict) -> str:
             lines.append(f"  eps {row['eps']:g}: {cols}; worst case {100 * row['worst_case']:.2f} % "
                          f"(CI {100 * lo:.1f}-{100 * hi:.1f}); transfer to the served engine "
                          f"{100 * row['transfer_worst_case']:.2f} %")
-        flags = {k: v["flag"] for k, v in res["flags"].items() if isinstance(v, dict)}
+        flags = {k: (v["flag"] if v.get("checked", True) else "not checked (one eps)")
+                 for k, v in res["flags"].items() if isinstance(v, dict)}
         lines.append(f"  gradient-masking flags: {flags}")
     else:
         lines.append(f"  Recall@1 clean {100 * res['recall_at_1']:.2f} % (gallery {res['gallery']}, "
