@@ -66,16 +66,27 @@ def test_every_method_trains_with_ddp_on_two_cpu_processes(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    failures = []
+    for attempt in range(2):
+        out = tmp_path / f"run{attempt}"
+        out.mkdir()
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(script), str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=600)
+        if proc.returncode == 0:
+            break
+        failures.append(proc.stderr[-4000:])
+        # A rank killed by a signal (seen once as a SIGABRT, "terminate called without an active exception", in
+        # gloo on a loaded machine) is run once more from scratch; any other failure, or a second one, fails.
+        if "Signal" not in proc.stderr:
+            break
+    assert proc.returncode == 0, "\n---\n".join(failures)
     for name in ["standard", "pgd-at", "trades", "agkd-bml"]:
-        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        lines = (out / name / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 1 and math.isfinite(json.loads(lines[0])["loss"]), name
-        assert (tmp_path / name / "model.pt").is_file()
-    d0 = json.loads((tmp_path / "draws.0.json").read_text())
-    d1 = json.loads((tmp_path / "draws.1.json").read_text())
+        assert (out / name / "model.pt").is_file()
+    d0 = json.loads((out / "draws.0.json").read_text())
+    d1 = json.loads((out / "draws.1.json").read_text())
     assert d0.pop() == d1.pop() == {"divergence_caught": True}
     assert len(d0) == len(d1) == 2  # one draw per AGKD-BML step on each rank
     for a, b in zip(d0, d1):
