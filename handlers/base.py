@@ -14,6 +14,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
+from serving.runtime.probing.runner import PROBE_DIR_ENV, PROBE_KEY_ENV
 from serving.runtime.schemas import ServiceSettings
 from serving.runtime.service import ModelService, RawRequest
 
@@ -27,10 +28,6 @@ HEADER_OPTIONS = {"x-top-k": "top_k", "x-k": "k", "x-output": "output"}
 JSON = "application/json"
 BATCH_HEADER = "X-Robustserve-Batch"
 PROBE_KEY_HEADER = "x-probe-key"
-# Set by `robustserve serve` for the workers: the probe key's file (its SHA-256 is what workers keep) and the
-# folder of the probe gate and history, shared by every worker of a model.
-PROBE_KEY_ENV = "ROBUSTSERVE_PROBE_KEY_FILE"
-PROBE_DIR_ENV = "ROBUSTSERVE_PROBE_DIR"
 
 
 class TorchServeAdapter:

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from pydantic import Field
 
-from serving.probe import ProbeParams, opened_archive, probe_offline
+from serving.probe import ProbeParams, load_archive_service, opened_archive, probe_service
 from serving.runtime.spec import Frozen
 
 
@@ -56,16 +56,15 @@ def compare(base: dict, cand: dict, cfg: GateConfig) -> dict[str, Any]:
 
 
 def gate(cfg: GateConfig) -> dict[str, Any]:
-    from serving.probe import load_archive_service
-
     if cfg.baseline is None or cfg.candidate is None:
         raise ValueError("name both archives: --set baseline=<.mar or export folder> --set candidate=<...>")
-    with opened_archive(cfg.baseline) as root:
-        probes = load_archive_service(root).probes
-    if probes is None:
-        raise ValueError(f"{cfg.baseline} holds no probe set to compare on")
-    base = probe_offline(cfg.baseline, cfg.probe)
-    cand = probe_offline(cfg.candidate, cfg.probe, probes=probes)
+    with opened_archive(cfg.baseline) as rb, opened_archive(cfg.candidate) as rc:
+        base_svc, cand_svc = load_archive_service(rb), load_archive_service(rc)
+        if base_svc.probes is None:
+            raise ValueError(f"{cfg.baseline} holds no probe set to compare on")
+        cand_svc.probes = base_svc.probes
+        base = probe_service(base_svc, cfg.probe, cfg.baseline)
+        cand = probe_service(cand_svc, cfg.probe, cfg.candidate)
     if base["probe_set_sha256"] != cand["probe_set_sha256"] or base["config"] != cand["config"]:
         raise RuntimeError("the two probes differ in probe set or attack config; refusing to compare them")
     decision = compare(base, cand, cfg)

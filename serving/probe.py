@@ -144,34 +144,35 @@ def load_archive_service(root: Path, **kwargs: Any):
     return load_service(root, ServiceSettings.model_validate(handler or {}), device="cpu", **kwargs)
 
 
-def probe_offline(archive: str | Path, params: ProbeParams, probes=None) -> dict:
-    """A full probe report of an archive, measured in this process. ``probes``: a ProbeSet to use instead of the
-    archive's own (the gate probes both archives on one set)."""
+def probe_offline(archive: str | Path, params: ProbeParams) -> dict:
+    """A full probe report of an archive (.mar or export folder), measured in this process."""
+    with opened_archive(archive) as root:
+        return probe_service(load_archive_service(root), params, str(archive))
+
+
+def probe_service(svc, params: ProbeParams, archive: str) -> dict:
+    """A full probe report of a loaded service, measured in this process, on ``svc.probes``."""
     from serving.runtime.errors import RequestError
     from serving.runtime.probing.params import resolve
     from serving.runtime.probing.runner import identity, run_probe
 
-    with opened_archive(archive) as root:
-        svc = load_archive_service(root)
-        if probes is not None:
-            svc.probes = probes
-        limits = svc.settings.probe
-        # Offline there is no traffic to protect: the archive's caps on n and steps still apply, its clock
-        # limits do not.
-        tm = svc.spec.threat_model
-        try:
-            cfg = resolve(ProbeRequest.model_validate(params.request()), svc.spec.task, tm.eps if tm else None,
-                          tuple(svc.spec.input_size), len(svc.probes) if svc.probes is not None else 0,
-                          ProbeSettings(**{**limits.model_dump(), "timeout_s": 1e9}))
-        except RequestError as e:
-            raise ValueError(e.message) from None
-        t0 = time.monotonic()
-        started = time.time()
-        report = {"id": "offline", "status": "ok", "error": None, "host": "offline", "archive": str(archive)}
-        report.update(run_probe(svc, svc.gradient_module(), cfg))
-        report.update(identity(svc, cfg))
-        report.update(started_unix=round(started, 3), duration_s=round(time.monotonic() - t0, 3))
-        return report
+    limits = svc.settings.probe
+    # Offline there is no traffic to protect: the archive's caps on n and steps still apply, its clock
+    # limits do not.
+    tm = svc.spec.threat_model
+    try:
+        cfg = resolve(ProbeRequest.model_validate(params.request()), svc.spec.task, tm.eps if tm else None,
+                      tuple(svc.spec.input_size), len(svc.probes) if svc.probes is not None else 0,
+                      ProbeSettings(**{**limits.model_dump(), "timeout_s": 1e9}))
+    except RequestError as e:
+        raise ValueError(e.message) from None
+    t0 = time.monotonic()
+    started = time.time()
+    report = {"id": "offline", "status": "ok", "error": None, "host": "offline", "archive": archive}
+    report.update(run_probe(svc, svc.gradient_module(), cfg))
+    report.update(identity(svc, cfg))
+    report.update(started_unix=round(started, 3), duration_s=round(time.monotonic() - t0, 3))
+    return report
 
 
 # --- printing ----------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, model_validator
 
+from serving.runtime.probing.runner import PROBE_DIR_ENV, PROBE_KEY_ENV
 from serving.runtime.spec import Frozen
 
 log = logging.getLogger(__name__)
@@ -339,12 +340,12 @@ def start(cfg: ServeConfig) -> Instance:
     (inst.work / "metrics.yaml").write_text(metrics_yaml())
     env = {**os.environ, "TMPDIR": str(inst.tmp), "TEMP": str(inst.tmp), "TMP": str(inst.tmp),
            "LOG_LOCATION": str(inst.logs), "METRICS_LOCATION": str(inst.logs)}
-    env.pop("ROBUSTSERVE_PROBE_KEY_FILE", None)
+    env.pop(PROBE_KEY_ENV, None)
     inst.probe_dir.mkdir(parents=True, exist_ok=True)
-    env["ROBUSTSERVE_PROBE_DIR"] = str(inst.probe_dir)
+    env[PROBE_DIR_ENV] = str(inst.probe_dir)
     if cfg.probe_key:
         write_probe_key(inst.probe_key_file)
-        env["ROBUSTSERVE_PROBE_KEY_FILE"] = str(inst.probe_key_file)
+        env[PROBE_KEY_ENV] = str(inst.probe_key_file)
     # TorchServe would take its config from TS_CONFIG_FILE over --ts-config: the file written here must win.
     env.pop("TS_CONFIG_FILE", None)
     cmd = [_torchserve_exe(), "--start", "--ncs", "--ts-config", str(inst.work / "config.properties"),

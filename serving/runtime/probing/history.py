@@ -41,15 +41,12 @@ class ProbeHistory:
         line = json.dumps({"report": report, "sha256": hashlib.sha256(body).hexdigest()},
                           allow_nan=False).encode() + b"\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             size = os.fstat(fd).st_size
-            if size:
-                with open(self.path, "rb") as f:
-                    f.seek(size - 1)
-                    if f.read(1) != b"\n":
-                        line = b"\n" + line  # seal a torn line left by a crash: it stays unreadable, alone
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line  # seal a torn line left by a crash: it stays unreadable, alone
             os.write(fd, line)
             os.fsync(fd)
         finally:

@@ -29,6 +29,10 @@ from serving.runtime.probing.params import ProbeConfig, ProbeRequest, ProbeSetti
 log = logging.getLogger(__name__)
 
 HISTORY_FILE = "history.jsonl"
+# How a server hands its workers the probe key's file and the folder of the probe gate and history (shared by a
+# model's workers): set by `robustserve serve`, read by the handlers.
+PROBE_KEY_ENV = "ROBUSTSERVE_PROBE_KEY_FILE"
+PROBE_DIR_ENV = "ROBUSTSERVE_PROBE_DIR"
 
 
 def key_digest(key: str) -> str:
@@ -140,13 +144,15 @@ class ProbeRunner:
                                "poll": {"probe": {"action": "status", "id": probe_id}}}}
 
     def status(self, probe_id: str) -> tuple[int, dict]:
-        rep = self.history.find(probe_id)
-        if rep is not None:
-            return 200, {"probe": rep}
+        # Clients poll this while a probe runs: answer from the small state file before reading the history (the
+        # gate marks a probe finished only after its report is appended).
         running = self.gate.running()
         if running and running.get("id") == probe_id:
             return 202, {"probe": {"id": probe_id, "status": "running", "model": self.service.name,
                                    "running_s": round(time.time() - float(running.get("started_unix", 0)), 1)}}
+        rep = self.history.find(probe_id)
+        if rep is not None:
+            return 200, {"probe": rep}
         raise RequestError(f"no probe {probe_id} of {self.service.name} (running or in its history)", status=404,
                            code="not_found")
 
