@@ -1,4 +1,7 @@
-"""Loading command configs: a YAML file, then ``--set key=value`` overrides, validated by a frozen pydantic root."""
+"""Loading command configs, layered key by key: the command's own defaults (the root model's field defaults,
+including a suite's own, such as a bench's rob28 threat model) < the ``--config`` YAML file < each ``--set
+key=value``. Every layer is merged into the one below it leaf by leaf, so ``--set a.b=x`` changes ``a.b`` and
+nothing else; the result is validated by the frozen pydantic root."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,6 +33,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    """Each ``key=value`` replaces one leaf of ``data`` (a copy). A scalar given for a key whose current value is
+    a list becomes a one-element list (``eps=0.05`` for ``eps: [0.1]``); a mapping given for a section is merged
+    into it key by key."""
     out = _deepcopy(data)
     for item in overrides:
         path, value = parse_override(item)
@@ -41,8 +47,26 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
             elif not isinstance(child, dict):
                 raise ConfigError(f"--set {item}: {part!r} is not a section")
             node = child
-        node[path[-1]] = value
+        old = node.get(path[-1])
+        if isinstance(old, list) and value is not None and not isinstance(value, (list, dict)):
+            value = [value]
+        node[path[-1]] = merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
     return out
+
+
+def merge(base: Any, top: Any) -> Any:
+    """``top`` over ``base``, mappings merged key by key (recursively); any other value of ``top`` replaces."""
+    if isinstance(base, dict) and isinstance(top, dict):
+        out = _deepcopy(base)
+        for k, v in top.items():
+            out[k] = merge(base.get(k), v) if k in base else _deepcopy(v)
+        return out
+    return _deepcopy(top)
+
+
+def defaults_of(model: Type[BaseModel]) -> dict:
+    """The root's resolved defaults as plain data (the bottom layer)."""
+    return model().model_dump(mode="json")
 
 
 def _deepcopy(d: Any) -> Any:
@@ -62,7 +86,9 @@ def load_config(model: Type[T], path: str | Path | None = None, overrides: Itera
         loaded = yaml.safe_load(p.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping, got {type(loaded).__name__}")
-        data = loaded
+        data = merge(defaults_of(model), loaded)
+    else:
+        data = defaults_of(model)
     data = apply_overrides(data, overrides)
     try:
         return model.model_validate(data)
