@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Optional
 
 from serving.runtime.probing.runner import PROBE_DIR_ENV, PROBE_KEY_ENV
 from serving.runtime.schemas import ServiceSettings
-from serving.runtime.service import ModelService, RawRequest
+from serving.runtime.service import ModelService, RawRequest, Reply, internal_error
 
 log = logging.getLogger(__name__)
 
@@ -67,46 +67,77 @@ class TorchServeAdapter:
 
     def to_raw(self, item: Any, headers: Optional[dict] = None) -> RawRequest:
         params: dict[str, Any] = {}
-        probe_key = None
+        probe_key = ctype = None
         for name, value in (headers or {}).items():
-            if str(name).lower() == PROBE_KEY_HEADER:
-                probe_key = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+            lname = str(name).lower()
+            if lname in (PROBE_KEY_HEADER, "content-type"):
+                text = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+                if lname == PROBE_KEY_HEADER:
+                    probe_key = text
+                else:
+                    ctype = text
                 continue
-            key = HEADER_OPTIONS.get(str(name).lower())
+            key = HEADER_OPTIONS.get(lname)
             if key and key in self.service.option_keys:
                 params[key] = value
         if not isinstance(item, dict):
-            return RawRequest(body=item, params=params, probe_key=probe_key)
+            return RawRequest(body=item, params=params, probe_key=probe_key, content_type=ctype)
         if "probe" in item and not any(k in item for k in PAYLOAD_KEYS):
             # A JSON body arrives already decoded: its own keys are the whole request; header options are an
             # inference request's business.
-            return RawRequest(body=dict(item), params={}, probe_key=probe_key)
+            return RawRequest(body=dict(item), params={}, probe_key=probe_key, content_type=ctype)
         body = None
         for key, value in item.items():
             if key in PAYLOAD_KEYS and body is None:
                 body = value
             else:
                 params[key] = value
-        return RawRequest(body=body, params=params, probe_key=probe_key)
+        return RawRequest(body=body, params=params, probe_key=probe_key, content_type=ctype)
 
     def handle(self, data: list, context: Any) -> list[str]:
+        """One answer per item, always: an exception escaping here would make TorchServe fail the whole batch
+        (503 for every item), so whatever goes wrong becomes the answer of the item it concerns."""
         assert self.service is not None, "initialize() was not called"
         t0 = time.perf_counter()
-        replies, good = self.service.decode_all([self.to_raw(item, _headers(context, i))
-                                                  for i, item in enumerate(data)])
-        t1 = time.perf_counter()
-        replies = self.service.complete(replies, good)
+        raws: list[Optional[RawRequest]] = []
+        early: dict[int, Reply] = {}
+        for i, item in enumerate(data):
+            try:
+                raws.append(self.to_raw(item, _headers(context, i)))
+            except Exception:  # noqa: BLE001
+                raws.append(None)
+                early[i] = internal_error(f"reading request {i} of {len(data)}")
+        try:
+            replies, good = self.service.decode_all([r if r is not None else RawRequest(b"") for r in raws])
+            replies = [early.get(i, r) for i, r in enumerate(replies)]
+            good = [(i, d) for i, d in good if i not in early]
+            t1 = time.perf_counter()
+            replies = self.service.complete(replies, good)
+        except Exception:  # noqa: BLE001 - a bug outside any one request: each item says so with an id
+            t1 = time.perf_counter()
+            replies, good = [internal_error(f"handling a batch of {len(data)}")] * len(data), []
         t2 = time.perf_counter()
         out = []
         for i, reply in enumerate(replies):
-            if reply.status != 200:
-                context.set_response_status(reply.status, _phrase(reply.status), idx=i)
-            context.set_response_content_type(i, JSON)
-            # How many requests shared this handler call: lets clients and tests see batching at work.
-            context.set_response_header(i, BATCH_HEADER, str(len(data)))
-            out.append(reply.json())
-        bad = sum(r.status >= 400 for r in replies)
-        self._metrics(context, bad, sum(len(d.x) for _, d in good), t1 - t0, t2 - t1)
+            try:
+                text = reply.json()
+            except Exception:  # noqa: BLE001 - an answer that cannot be encoded (non-finite number, odd type)
+                reply = internal_error(f"encoding the answer of request {i}")
+                text = reply.json()
+            try:
+                if reply.status != 200:
+                    context.set_response_status(reply.status, _phrase(reply.status), idx=i)
+                context.set_response_content_type(i, JSON)
+                # How many requests shared this handler call: lets clients and tests see batching at work.
+                context.set_response_header(i, BATCH_HEADER, str(len(data)))
+            except Exception:  # noqa: BLE001 - headers are a courtesy; the answer still goes out
+                log.warning("cannot set the response headers of request %d", i, exc_info=True)
+            out.append(text)
+        try:
+            bad = sum(r.status >= 400 for r in replies)
+            self._metrics(context, bad, sum(len(d.x) for _, d in good), t1 - t0, t2 - t1)
+        except Exception:  # noqa: BLE001 - metrics never cost an answer
+            log.warning("cannot publish the batch metrics", exc_info=True)
         return out
 
     @staticmethod

@@ -341,6 +341,9 @@ def start(cfg: ServeConfig) -> Instance:
     env = {**os.environ, "TMPDIR": str(inst.tmp), "TEMP": str(inst.tmp), "TMP": str(inst.tmp),
            "LOG_LOCATION": str(inst.logs), "METRICS_LOCATION": str(inst.logs)}
     env.pop(PROBE_KEY_ENV, None)
+    # Workers hand JSON bodies to the handler as bytes: it parses them itself with its depth, size and number
+    # limits (TorchServe's own json.loads has none, and spends the cost before any check can run).
+    env["TS_DECODE_INPUT_REQUEST"] = "false"
     inst.probe_dir.mkdir(parents=True, exist_ok=True)
     env[PROBE_DIR_ENV] = str(inst.probe_dir)
     if cfg.probe_key:

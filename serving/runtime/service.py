@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
@@ -21,6 +22,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from serving.runtime.artifacts import ExportManifest, load_manifest, verify_artifact
+from serving.runtime import jsonsafe
 from serving.runtime.errors import ArtifactError, InvalidInput, RequestError, UnsupportedMediaType
 from serving.runtime.index import RetrievalIndex
 from serving.runtime.preprocess import (
@@ -46,6 +48,7 @@ from serving.runtime.session import InferenceSession, open_session
 log = logging.getLogger(__name__)
 
 Protocol_ = Literal["native", "v2"]
+FORM = "application/x-www-form-urlencoded"
 _V2_FLOAT = {"FP16", "FP32", "FP64"}
 
 
@@ -57,6 +60,7 @@ class RawRequest:
     body: Any
     params: Mapping[str, Any] = field(default_factory=dict)
     probe_key: Optional[str] = None  # the X-Probe-Key a probe request came with
+    content_type: Optional[str] = None  # as the client declared it; only used to explain a mismatch
 
 
 @dataclass
@@ -72,7 +76,8 @@ class Reply:
     body: dict[str, Any]
 
     def json(self) -> str:
-        return json.dumps(self.body)
+        """Standard JSON only: a non-finite number in an answer is an error on our side, not 'NaN' on the wire."""
+        return json.dumps(self.body, allow_nan=False)
 
 
 def _text(v: Any) -> str:
@@ -192,8 +197,16 @@ class ModelService:
 
     def decode(self, raw: RawRequest) -> Decoded:
         body = raw.body
+        ctype = (raw.content_type or "").split(";")[0].strip().lower()
+        if ctype == FORM and (body is None or raw.params):
+            # curl -d/--data-binary without -H sends this type, and the host then parses the bytes as form fields.
+            raise UnsupportedMediaType(
+                "the body was sent as an HTML form (Content-Type: application/x-www-form-urlencoded, what curl "
+                "--data-binary sends when no Content-Type is given), so it did not arrive as an image: send it "
+                "again with -H 'Content-Type: image/png' (or image/jpeg; application/json for JSON)")
         if body is None:
-            raise InvalidInput("empty request: send PNG/JPEG bytes or JSON")
+            raise InvalidInput("empty request: send PNG/JPEG bytes (Content-Type: image/png or image/jpeg) or JSON "
+                               "(Content-Type: application/json)")
         if isinstance(body, (bytes, bytearray, memoryview)):
             body = bytes(body)
             if sniff_image(body):
@@ -205,6 +218,9 @@ class ModelService:
                 body = self._parse_json(body)
             elif not body.strip():
                 raise InvalidInput("empty request body: send PNG/JPEG bytes or JSON")
+            elif ctype.startswith("image/"):
+                raise UnsupportedMediaType(f"the Content-Type says {ctype}, but the body is not a PNG or JPEG "
+                                           f"(its first bytes are {body[:8]!r}); send the file's bytes unchanged")
             else:
                 raise UnsupportedMediaType("send PNG or JPEG bytes, or JSON ({\"image\": <base64>} or "
                                            "{\"tensor\": {...}}, or a KServe v2 request)")
@@ -217,13 +233,11 @@ class ModelService:
         return self._decode_native(body, raw.params)
 
     def _parse_json(self, data: bytes) -> Any:
-        if len(data) > 4 * self.settings.max_image_bytes:
-            raise RequestError(f"JSON body is {len(data)} bytes; the limit is {4 * self.settings.max_image_bytes}",
-                               status=413, code="payload_too_large")
-        try:
-            return json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InvalidInput(f"the body is not valid JSON: {e}") from None
+        # A JSON body carries at most max_images_per_request images as numbers; anything beyond that plus room
+        # for the options is refused before parsing, so a request's parse cost is bounded by what it may ask.
+        c, h, w = self.spec.channels, *self.spec.input_size
+        return jsonsafe.loads(data, max_bytes=4 * self.settings.max_image_bytes,
+                              max_values=self.settings.max_images_per_request * c * h * w + 4096)
 
     def _options_from_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         return self._options({k: _text(v) for k, v in params.items()})
@@ -327,17 +341,23 @@ class ModelService:
                 else:
                     good.append((i, self.decode(raw)))
             except RequestError as e:
-                replies[i] = self.error_reply(e, v2=looks_v2(raw.body))
+                replies[i] = self.error_reply(e, v2=_looks_v2_safe(raw.body))
+            except Exception:  # noqa: BLE001 - whatever one request triggers stays that request's answer
+                replies[i] = internal_error(f"decoding request {i} of {len(raws)}", v2=_looks_v2_safe(raw.body))
         return replies, good
 
     def _parsed(self, raw: RawRequest) -> RawRequest:
-        """A JSON text body parsed once, so probe requests can be told from inference requests."""
+        """A JSON text body parsed once, so probe requests can be told from inference requests. A body the host
+        already parsed gets the same depth and number checks."""
         body = raw.body
+        if isinstance(body, (dict, list)):
+            jsonsafe.check(body)
+            return raw
         if isinstance(body, (bytes, bytearray, memoryview)) and not sniff_image(body) \
                 and bytes(body[:64]).lstrip()[:1] == b"{":
-            return RawRequest(self._parse_json(bytes(body)), raw.params, raw.probe_key)
+            return RawRequest(self._parse_json(bytes(body)), raw.params, raw.probe_key, raw.content_type)
         if isinstance(body, str) and body.lstrip()[:1] == "{":
-            return RawRequest(self._parse_json(body.encode("utf-8")), raw.params, raw.probe_key)
+            return RawRequest(self._parse_json(body.encode("utf-8")), raw.params, raw.probe_key, raw.content_type)
         return raw
 
     def probe_reply(self, raw: RawRequest) -> Reply:
@@ -352,10 +372,22 @@ class ModelService:
         return Reply(status, body)
 
     def complete(self, replies: list[Optional[Reply]], good: list[tuple[int, Decoded]]) -> list[Reply]:
-        """Runs the decoded requests as one batch and fills in their replies."""
-        for (i, _), body in zip(good, self.infer([d for _, d in good])):
-            replies[i] = Reply(200, body)
-        return replies  # type: ignore[return-value]
+        """Runs the decoded requests as one batch and fills in their replies. When the batch fails as a whole,
+        each request is run alone, so a failure stays with the request that causes it (500 with an error id)."""
+        try:
+            bodies = self.infer([d for _, d in good])
+            for (i, _), body in zip(good, bodies):
+                replies[i] = Reply(200, body)
+        except Exception:  # noqa: BLE001
+            log.warning("a batch of %d failed; answering its requests one by one", len(good), exc_info=True)
+            for i, d in good:
+                try:
+                    replies[i] = Reply(200, self.infer([d])[0])
+                except RequestError as e:
+                    replies[i] = self.error_reply(e, v2=d.protocol == "v2")
+                except Exception:  # noqa: BLE001
+                    replies[i] = internal_error(f"running request {i}", v2=d.protocol == "v2")
+        return [r if r is not None else internal_error("no answer was produced") for r in replies]
 
     def handle(self, raws: list[RawRequest]) -> list[Reply]:
         return self.complete(*self.decode_all(raws))
@@ -374,6 +406,24 @@ class ModelService:
                 "arch": m.model.arch, "method": m.model.method,
                 "threat_model": m.model.threat_model.model_dump() if m.model.threat_model else None,
                 "input": m.input.model_dump(), "probes": len(self.probes) if self.probes is not None else 0}
+
+
+def internal_error(what: str, v2: bool = False) -> Reply:
+    """A 500 for a failure on our side: the client gets an error id, the log gets the id and the traceback.
+    Call from an ``except`` block."""
+    error_id = uuid.uuid4().hex[:16]
+    log.exception("internal error %s while %s", error_id, what)
+    message = f"internal error {error_id}: the server failed on this request; report the id to the operator"
+    if v2:
+        return Reply(500, {"error": message})
+    return Reply(500, {"error": {"status": 500, "code": "internal_error", "message": message, "id": error_id}})
+
+
+def _looks_v2_safe(body: Any) -> bool:
+    try:
+        return looks_v2(body)
+    except Exception:  # noqa: BLE001 - only chooses the error's form
+        return False
 
 
 def looks_v2(body: Any) -> bool:

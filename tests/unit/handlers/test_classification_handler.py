@@ -97,3 +97,25 @@ def test_kserve_v2_batch_safe(handler, reference):
         np.testing.assert_array_equal(top1, p[ids].argmax(1))
         probs = np.array(outputs["top_k_probabilities"]["data"]).reshape(len(ids), 3)[:, 0]
         np.testing.assert_allclose(probs, p[ids].max(1), atol=1e-6)
+
+
+def test_handle_never_raises_and_encodes_standard_json(handler, monkeypatch):
+    x, _ = sample_images(2)
+    ctx = MockContext(handler.service.root, "clf")
+    real = handler.to_raw
+
+    def to_raw(item, headers=None):
+        if item.get("body") == b"boom":
+            raise RuntimeError("adapter bug")
+        return real(item, headers)
+
+    monkeypatch.setattr(handler, "to_raw", to_raw)
+    out = handler.handle([{"body": encode(x[0])}, {"body": b"boom"}, {"body": b'{"a": NaN}'},
+                          {"body": encode(x[1])}], ctx)
+    assert [ctx.status(i) for i in range(4)] == [200, 500, 400, 200]
+    assert all(json.loads(o) for o in out)
+
+    monkeypatch.setattr(handler.service, "answer", lambda items, outs: [{"p": float("nan")} for _ in items])
+    ctx = MockContext(handler.service.root, "clf")
+    out = handler.handle([{"body": encode(x[0])}], ctx)
+    assert ctx.status(0) == 500 and json.loads(out[0])["error"]["code"] == "internal_error"
