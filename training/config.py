@@ -40,6 +40,18 @@ class MethodConfig(Frozen):
     attack_steps: int = Field(10, ge=1)
 
 
+class SpeedConfig(Frozen):
+    """How the training step runs; what it computes is the same up to rounding. Evaluation and probe attacks
+    always run in fp32 (they are what we report)."""
+
+    # bf16 autocast for the model's forward/backward and the training-time attacks. auto: bf16 where the device
+    # has native bf16 arithmetic (CPU with AVX-512 BF16 or AMX, CUDA with compute capability >= 8.0), else fp32
+    # (emulated bf16 is slower than fp32).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # NHWC weights and inputs for 4-D image models (oneDNN's and cuDNN's preferred layout).
+    channels_last: bool = True
+
+
 class TrainConfig(Frozen):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -53,7 +65,8 @@ class TrainConfig(Frozen):
     out_dir: str = "runs/train"
     resume: bool = True  # continue from out_dir/last.pt when it exists
     eval_every: int = Field(1, ge=0)  # epochs between clean test evaluations; 0: never
-    num_threads: Optional[int] = None
+    num_threads: Optional[int] = Field(None, ge=1)  # None: the cores this process may run on
+    speed: SpeedConfig = SpeedConfig()
 
     @model_validator(mode="after")
     def _check_method_options(self) -> "TrainConfig":

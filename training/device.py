@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import os
 import random
+from typing import Optional
 
 import numpy as np
 import torch
@@ -14,6 +16,32 @@ def resolve_device(name: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} asked for, but CUDA is not available here; use --set device=cpu")
     return dev
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` does bf16 arithmetic in hardware (otherwise bf16 autocast is emulated and slower)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                    or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+    return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """``precision`` (auto | fp32 | bf16) -> the autocast dtype, None for plain fp32."""
+    if precision == "fp32" or (precision == "auto" and not bf16_native(device)):
+        return None
+    return torch.bfloat16
+
+
+def owned_cores() -> int:
+    """The cores this process may run on (its affinity mask; a container's CPU set)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def seed_everything(seed: int) -> torch.Generator:

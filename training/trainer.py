@@ -8,7 +8,8 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,7 @@ from serving.configio import dump_config
 from serving.runtime.spec import ModelSpec
 from training.checkpoint import load_checkpoint, save_atomic
 from training.config import OptimConfig, TrainConfig
-from training.device import resolve_device, seed_everything
+from training.device import autocast_dtype, owned_cores, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,11 @@ class TrainModule(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor, mode: str = "output"):
+        # Outputs in fp32 whatever autocast computed them in: the methods' losses (MART, KL, triplets on angles)
+        # are not written for bf16's 8-bit mantissa.
         if mode == "features":
-            return self.model.features(x)
-        return self.model(x)
+            return tuple(t.float() for t in self.model.features(x))
+        return self.model(x).float()
 
 
 def build_optimizer(cfg: OptimConfig, params, steps_per_epoch: int, epochs: int):
@@ -118,33 +121,36 @@ def check_replicas(model: nn.Module, tol: float = 1e-4) -> None:
                            "every parameter update must go through the DDP-wrapped module")
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train per ``cfg``; returns the output folder holding ``model.pt``, ``last.pt``, ``config.yaml``,
-    ``metrics.jsonl``. Under torchrun, every rank trains its shard and rank 0 writes."""
+@dataclass
+class Prepared:
+    """Everything one training run needs, built once: by :func:`train`, and by the speed benchmark."""
+
+    cfg: TrainConfig
+    device: torch.device
+    model: nn.Module
+    net: nn.Module
+    method: Any
+    loader: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps_per_epoch: int
+    spec: ModelSpec
+    arch_options: dict
+    task: str
+    test_set: Any
+    generator: torch.Generator
+    amp_dtype: Optional[torch.dtype]
+    channels_last: bool
+
+
+def prepare(cfg: TrainConfig, rank: int = 0, world: int = 1, device: Optional[torch.device] = None) -> Prepared:
+    """Data, model, method, loader, optimizer and scheduler for ``cfg`` (no resume, nothing written)."""
     from training.data import BatchLoader, load_dataset
-    from training.methods import build_method
+    from training.methods import build_method, method_class
     from training.models import build_model, model_task
 
-    rank, world, local_rank = _dist_env()
-    device = resolve_device(cfg.device)
-    owns_group = False
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        # A caller that trains several models in one torchrun job initialises the group once itself: re-initialising
-        # after destroy_process_group hangs under torchrun's agent store.
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-            owns_group = True
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    out = Path(cfg.out_dir)
-    is_main = rank == 0
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
-
+    device = device or resolve_device(cfg.device)
+    torch.set_num_threads(cfg.num_threads or owned_cores())
     seed_everything(cfg.seed)  # identical initial weights on every rank
     train_set = load_dataset(cfg.data.name, "train", cfg.data.root, **cfg.data.options)
     test_set = load_dataset(cfg.data.name, "test", cfg.data.root, **cfg.data.options)
@@ -155,11 +161,12 @@ def train(cfg: TrainConfig) -> Path:
     task = model_task(cfg.model.arch)
     arch_options = model_options(cfg, train_set, task)
     model, spec = build_model(cfg.model.arch, **arch_options)
-    from training.methods import method_class
-
     robust = method_class(cfg.method.name).adversarial
     spec = spec.model_copy(update={"method": cfg.method.name, "threat_model": cfg.method.attack if robust else None})
+    channels_last = cfg.speed.channels_last and len(spec.input_size) == 2
     model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
 
     generator = seed_everything(cfg.seed * 1000 + rank)  # per-rank randomness for attacks and sampling
     method = build_method(cfg.method, spec=spec, train_set=train_set, device=device, generator=generator,
@@ -175,18 +182,84 @@ def train(cfg: TrainConfig) -> Path:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(cfg.optim, trainable, steps_per_epoch, cfg.epochs)
+    return Prepared(cfg, device, model, net, method, loader, optimizer, scheduler, steps_per_epoch, spec,
+                    arch_options, task, test_set, generator, autocast_dtype(cfg.speed.precision, device),
+                    channels_last)
 
-    start_epoch = 0
+
+def train_step(p: Prepared, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """One optimiser step on the batch (x [B, C, H, W] in [0, 1], y [B]): the method's loss (its attacks included)
+    under bf16 autocast when ``p.amp_dtype`` is set, then backward, step and schedule. Returns the method's figures."""
+    x, y = x.to(p.device, non_blocking=True), y.to(p.device, non_blocking=True)
+    if p.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(p.device.type, dtype=p.amp_dtype or torch.bfloat16, enabled=p.amp_dtype is not None):
+        loss, figs = p.method.training_step(p.net, p.model, x, y)
+    p.optimizer.zero_grad(set_to_none=True)
+    loss.float().backward()
+    p.optimizer.step()
+    p.scheduler.step()
+    return figs
+
+
+RESUME_FREE_KEYS = ("resume", "out_dir", "epochs", "device", "num_threads", "eval_every", "speed")
+
+
+def _config_diff(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out: list[str] = []
+        for k in sorted(set(saved) | set(now)):
+            out += _config_diff(saved.get(k, "<absent>"), now.get(k, "<absent>"), f"{prefix}{k}.")
+        return out
+    return [] if saved == now else [f"{prefix[:-1]}: {saved!r} -> {now!r}"]
+
+
+def resume_mismatch(saved_config: dict, cfg: TrainConfig) -> list[str]:
+    """The keys (with old -> new values) in which ``cfg`` differs from the config that wrote a checkpoint,
+    ignoring keys that may change across a resume (epochs, device, threads, speed options, ...)."""
+    saved, now = dict(saved_config), cfg.model_dump(mode="json")
+    for k in RESUME_FREE_KEYS:
+        saved.pop(k, None)
+        now.pop(k, None)
+    return _config_diff(saved, now)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train per ``cfg``; returns the output folder holding ``model.pt``, ``last.pt``, ``config.yaml``,
+    ``metrics.jsonl``. Under torchrun, every rank trains its shard and rank 0 writes. A refused resume writes
+    nothing, so the folder's record never disagrees with its weights."""
+    rank, world, local_rank = _dist_env()
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out_dir)
     last = out / "last.pt"
+    state = None
     if cfg.resume and last.is_file():
         state = load_checkpoint(last, device)
-        saved = dict(state["config"])
-        now = cfg.model_dump(mode="json")
-        for k in ("resume", "out_dir", "epochs", "device", "num_threads", "eval_every"):
-            saved.pop(k, None)
-            now.pop(k, None)
-        if saved != now:
-            raise ValueError(f"{last} was written by a different config; use another out_dir or --set resume=false")
+        diff = resume_mismatch(state["config"], cfg)
+        if diff:
+            raise ValueError(f"{last} was written by a different config ({'; '.join(diff)}); use another out_dir, "
+                             "the same settings, or --set resume=false")
+    owns_group = False
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        # A caller that trains several models in one torchrun job initialises the group once itself: re-initialising
+        # after destroy_process_group hangs under torchrun's agent store.
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            owns_group = True
+    p = prepare(cfg, rank, world, device)
+    model, method, optimizer, scheduler, generator = p.model, p.method, p.optimizer, p.scheduler, p.generator
+    is_main = rank == 0
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+        log.info("training %s: device %s, %d threads, %s, %s", cfg.method.name, device, torch.get_num_threads(),
+                 "bf16 autocast" if p.amp_dtype else "fp32", "channels_last" if p.channels_last else "NCHW")
+
+    start_epoch = 0
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -200,23 +273,19 @@ def train(cfg: TrainConfig) -> Path:
 
     metrics_path = out / "metrics.jsonl"
     metrics = {}
+    steps_per_epoch = p.steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
-        loader.set_epoch(epoch)
+        p.loader.set_epoch(epoch)
         model.train()
         t0 = time.perf_counter()
         running: dict[str, float] = {}
         bar = tqdm(total=steps_per_epoch, desc=f"{cfg.method.name} epoch {epoch + 1}/{cfg.epochs}",
                    disable=not is_main, leave=False, dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 30.0)
-        for step, (x, y) in enumerate(loader):
+        for step, (x, y) in enumerate(p.loader):
             if step >= steps_per_epoch:
                 break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss, figs = method.training_step(net, model, x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            figs = train_step(p, x, y)
             for k, v in figs.items():
                 running[k] = running.get(k, 0.0) + float(v)
             bar.update(1)
@@ -227,13 +296,14 @@ def train(cfg: TrainConfig) -> Path:
         metrics = {"epoch": epoch + 1, "seconds": round(seconds, 2), "lr": scheduler.get_last_lr()[0],
                    **{k: v / max(1, steps_per_epoch) for k, v in running.items()}}
         if is_main and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs) \
-                and task == "classification":
-            metrics["test_acc"] = clean_accuracy(model, test_set, device)
+                and p.task == "classification":
+            metrics["test_acc"] = clean_accuracy(model, p.test_set, device)
         if is_main:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
             log.info("epoch %d: %s", epoch + 1, json.dumps(metrics))
-            base = {"model": model.state_dict(), "spec": spec.model_dump(mode="json"), "arch_options": arch_options,
+            weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+            base = {"model": weights, "spec": p.spec.model_dump(mode="json"), "arch_options": p.arch_options,
                     "config": cfg.model_dump(mode="json"), "epoch": epoch + 1, "metrics": metrics}
             save_atomic(base, out / "model.pt")
             save_atomic({**base, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

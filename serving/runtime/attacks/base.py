@@ -37,23 +37,34 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 class LogitCache:
     """A model call that remembers its last input, so ``success_fn`` reuses ``loss_fn``'s forward pass.
 
-    The algorithms call ``success_fn`` right after ``loss_fn`` on the same tensor object; the cached
-    logits are detached so no graph outlives its backward pass.
+    The algorithms call ``success_fn`` right after ``loss_fn`` on the same input (possibly a detached alias of
+    it); the cached logits are detached so no graph outlives its backward pass. ``hits``/``misses`` count the
+    success checks answered from the cache and by a fresh forward pass.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._x: Optional[torch.Tensor] = None
+        self._key: Optional[tuple] = None
         self._logits: Optional[torch.Tensor] = None
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _key_of(x: torch.Tensor) -> tuple:
+        # The gradient helpers call the model on ``x.detach().requires_grad_()``, a different tensor object
+        # over the same memory: identify the input by its storage, layout and in-place version instead.
+        return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.model(x)
-        self._x, self._logits = x, logits.detach()
+        self._key, self._logits = self._key_of(x), logits.detach()
         return logits
 
     def detached(self, x: torch.Tensor) -> torch.Tensor:
-        if x is self._x and self._logits is not None:
+        if self._logits is not None and self._key == self._key_of(x):
+            self.hits += 1
             return self._logits
+        self.misses += 1
         with torch.no_grad():
             return self.model(x)
 

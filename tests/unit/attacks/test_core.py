@@ -101,3 +101,39 @@ def test_misuse_is_reported():
         pgd(lambda x: concave(c)(x).detach(), x0, ball, steps=1)
     with pytest.raises(ValueError, match="random_start"):
         pgd(concave(c), x0, ball, steps=1, restarts=2, random_start=False)
+
+
+def test_apgd_success_checks_reuse_the_loss_forward_pass():
+    """Each APGD iterate runs the model once: the success check after the gradient reads the cached logits."""
+    import torch.nn as nn
+
+    from serving.runtime.attacks.apgd import apgd
+    from serving.runtime.attacks.base import LogitCache, classifier_success
+    from serving.runtime.attacks.objectives import get_objective
+    from serving.runtime.attacks.pgd import classifier_loss
+    from serving.runtime.attacks.threat import LpBall
+
+    torch.manual_seed(0)
+    calls = []
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    model.register_forward_hook(lambda *a: calls.append(1))
+    x, y = torch.rand(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    cache = LogitCache(model)
+    steps = 10
+    apgd(classifier_loss(cache, get_objective("ce"), y, None), x, LpBall(norm="linf", eps=0.1, step=0.02), steps,
+         success_fn=classifier_success(cache, y, None), generator=torch.Generator().manual_seed(0))
+    assert cache.misses == 0 and cache.hits == steps + 1
+    assert len(calls) == steps + 1
+
+
+def test_logit_cache_misses_after_an_in_place_change():
+    import torch.nn as nn
+
+    from serving.runtime.attacks.base import LogitCache
+
+    model = nn.Linear(3, 2)
+    cache = LogitCache(model)
+    x = torch.rand(2, 3)
+    cache(x)
+    x.add_(1.0)
+    assert torch.allclose(cache.detached(x), model(x)) and cache.misses == 1

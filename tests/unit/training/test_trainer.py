@@ -65,8 +65,34 @@ def test_resume_continues_where_it_stopped(tmp_path, monkeypatch):
 
 def test_resume_refuses_a_different_config(tmp_path):
     train(small_cfg(tmp_path, epochs=1))
-    with pytest.raises(ValueError, match="different config"):
+    record = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"different config \(batch_size: 64 -> 32\)"):
         train(small_cfg(tmp_path, epochs=2, batch_size=32))
+    assert (tmp_path / "config.yaml").read_text() == record, "a refused resume rewrote the run's record"
+
+
+def test_speed_options_change_the_layout_not_the_result(tmp_path):
+    """channels_last (and the speed block in general) may change between a run and its resume, and the same
+    seeded step gives the same weights up to float rounding."""
+    from training.config import SpeedConfig
+
+    a = train(small_cfg(tmp_path / "a", epochs=1, max_steps_per_epoch=3, speed=SpeedConfig(precision="fp32",
+                                                                                          channels_last=False)))
+    b = train(small_cfg(tmp_path / "b", epochs=1, max_steps_per_epoch=3, speed=SpeedConfig(precision="fp32",
+                                                                                          channels_last=True)))
+    sa, sb = torch.load(a / "model.pt")["model"], torch.load(b / "model.pt")["model"]
+    for k in sa:
+        assert sb[k].is_contiguous(), "checkpoints hold plain contiguous tensors"
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-5)
+    train(small_cfg(tmp_path / "b", epochs=2, max_steps_per_epoch=3, speed=SpeedConfig(precision="bf16")))
+
+
+def test_auto_precision_follows_the_hardware():
+    from training.device import autocast_dtype, bf16_native
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype("fp32", cpu) is None and autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert autocast_dtype("auto", cpu) is (torch.bfloat16 if bf16_native(cpu) else None)
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
