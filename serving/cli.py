@@ -229,6 +229,10 @@ def _bench_entry(module: str, root: str, runner: str):
 
 # suite -> (help, loader of (config root, runner)); the suites are long jobs, not tests.
 BENCHES: dict[str, tuple[str, Callable[[], tuple[type, Callable[[BaseModel], int]]]]] = {
+    "train-speed": ("steps/s of every training method, fp32 eager vs the fast mode, side by side",
+                    _bench_entry("training.bench.train_speed", "BenchConfig", "run")),
+    "render": ("regenerate BENCHMARKS.md sections from their results JSON (stems=[...], default all)",
+               _bench_entry("training.bench.report", "RenderConfig", "run")),
     "robust-classifiers": ("standard / pgd-at / trades / agkd-bml under one budget, then the attack suite",
                            _bench_entry("training.bench.robust_classifiers", "BenchConfig", "run")),
     "robust-embedders": ("triplet / est / act / hm / hm+ics under one budget, then the ranking attacks",

@@ -1,0 +1,236 @@
+"""``robustserve bench train-speed``: training steps per second of every method in fp32 eager (NCHW, no autocast)
+against the fast mode (the trainer's defaults on this device: channels_last, and bf16 autocast where the hardware
+does bf16), measured side by side in one run: the variants take turns, a few steps each, for several rounds, and the
+median step time of each is reported, so load from other jobs on a shared machine hits every variant alike.
+
+Also measures the APGD logit cache: APGD-CE with the success check answered from the loss pass's logits against a
+fresh forward pass per iterate (the behaviour before the cache recognised detached aliases).
+
+Writes ``benchmarks/results/train_speed.json``; ``robustserve bench render`` turns it into its BENCHMARKS.md section.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from serving.configio import load_config
+from serving.runtime.spec import Frozen
+from training.config import SpeedConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+# method -> (config file, per-method overrides): the repository's own recipes, on a small subset.
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "standard": ("configs/classifiers/standard.yaml", {}),
+    "pgd-at": ("configs/classifiers/pgd-at.yaml", {}),
+    "trades": ("configs/classifiers/trades.yaml", {}),
+    "agkd-bml": ("configs/classifiers/agkd-bml.yaml", {}),
+    "est": ("configs/embedders/est.yaml", {}),
+    "act": ("configs/embedders/act.yaml", {}),
+    "hm": ("configs/embedders/hm-ics.yaml", {}),
+}
+
+MODES: dict[str, SpeedConfig] = {
+    "fp32-eager": SpeedConfig(precision="fp32", channels_last=False),
+    "fast": SpeedConfig(),
+    "bf16+cl": SpeedConfig(precision="bf16", channels_last=True),
+}
+
+
+class BenchConfig(Frozen):
+    methods: tuple[str, ...] = tuple(METHODS)
+    modes: tuple[str, ...] = ("fp32-eager", "fast")  # fp32-eager is the reference; bf16+cl forces bf16
+    rounds: int = Field(5, ge=1)
+    steps_per_round: int = Field(2, ge=1)
+    warmup_steps: int = Field(1, ge=0)
+    train_subset: int = Field(2048, ge=256)
+    attack_steps: int | None = Field(None, ge=1)  # None: each recipe's own (10 for classifiers, 32 for embedders)
+    apgd_steps: int = Field(100, ge=1)
+    apgd_batch: int = Field(128, ge=1)
+    device: str = "cpu"
+    num_threads: int | None = Field(None, ge=1)  # None: the cores this process owns
+    results: str = "benchmarks/results/train_speed.json"
+    benchmarks_md: str = "BENCHMARKS.md"
+    command: str = "robustserve bench train-speed"
+
+
+def _config(cfg: BenchConfig, method: str, mode: str, out: Path, teacher: Path | None) -> TrainConfig:
+    path, extra = METHODS[method]
+    sets = [f"data.train_subset={cfg.train_subset}", f"device={cfg.device}", f"out_dir={out}", "eval_every=0",
+            f"speed.precision={MODES[mode].precision}", f"speed.channels_last={MODES[mode].channels_last}"]
+    if cfg.num_threads:
+        sets.append(f"num_threads={cfg.num_threads}")
+    if cfg.attack_steps:
+        sets.append(f"method.attack_steps={cfg.attack_steps}")
+    if teacher is not None:
+        sets.append(f"method.options.teacher={teacher}")
+    sets += [f"{k}={v}" for k, v in extra.items()]
+    return load_config(TrainConfig, path, sets)
+
+
+def _teacher(cfg: BenchConfig, work: Path) -> Path:
+    """A `standard` model.pt for AGKD-BML to distil from: one step is enough, speed does not depend on its quality."""
+    from training.trainer import train
+
+    tcfg = _config(cfg, "standard", "fp32-eager", work / "teacher", None)
+    tcfg = tcfg.model_copy(update={"epochs": 1, "max_steps_per_epoch": 1})
+    return train(tcfg) / "model.pt"
+
+
+def measure_training(cfg: BenchConfig, work: Path) -> dict[str, dict[str, Any]]:
+    from training.trainer import prepare, train_step
+
+    teacher = _teacher(cfg, work) if "agkd-bml" in cfg.methods else None
+    runs: dict[tuple[str, str], Any] = {}
+    for method in cfg.methods:
+        for mode in cfg.modes:
+            tc = _config(cfg, method, mode, work / f"{method}-{mode}", teacher if method == "agkd-bml" else None)
+            p = prepare(tc)
+            runs[(method, mode)] = (p, iter(_batches(p)), tc)
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
+    for key, (p, batches, _) in runs.items():
+        for _ in range(cfg.warmup_steps):
+            train_step(p, *next(batches))
+    for r in range(cfg.rounds):
+        for key, (p, batches, _) in runs.items():
+            for _ in range(cfg.steps_per_round):
+                x, y = next(batches)
+                t0 = time.perf_counter()
+                train_step(p, x, y)
+                times[key].append(time.perf_counter() - t0)
+        log.info("round %d/%d done", r + 1, cfg.rounds)
+    out: dict[str, dict[str, Any]] = {}
+    for method in cfg.methods:
+        row: dict[str, Any] = {}
+        ref = statistics.median(times[(method, cfg.modes[0])])
+        for mode in cfg.modes:
+            p, _, tc = runs[(method, mode)]
+            med = statistics.median(times[(method, mode)])
+            row[mode] = {"seconds_per_step": med, "steps_per_second": 1.0 / med, "speedup": ref / med,
+                         "batch_size": tc.batch_size, "images_per_second": tc.batch_size / med,
+                         "autocast": str(p.amp_dtype) if p.amp_dtype else None, "channels_last": p.channels_last,
+                         "arch": tc.model.arch, "attack_steps": tc.method.attack_steps}
+        out[method] = row
+    return out
+
+
+def _batches(p):
+    while True:
+        for batch in p.loader:
+            yield batch
+
+
+def measure_apgd_cache(cfg: BenchConfig) -> dict[str, Any]:
+    """APGD-CE on a SmallCNN batch: success checks from the cache vs a fresh forward pass each iterate."""
+    from serving.runtime.attacks.apgd import apgd
+    from serving.runtime.attacks.base import LogitCache, classifier_success
+    from serving.runtime.attacks.objectives import get_objective
+    from serving.runtime.attacks.pgd import classifier_loss
+    from serving.runtime.attacks.threat import LpBall
+    from training.models import build_model
+
+    class Uncached(LogitCache):
+        def detached(self, x):
+            self.misses += 1
+            with torch.no_grad():
+                return self.model(x)
+
+    torch.manual_seed(0)
+    model, _ = build_model("smallcnn", channels=1, input_size=(28, 28), mean=(0.5,), std=(0.5,), num_classes=10)
+    model.eval()
+    x, y = torch.rand(cfg.apgd_batch, 1, 28, 28), torch.randint(0, 10, (cfg.apgd_batch,))
+    ball = LpBall(norm="linf", eps=0.1, step=0.01)
+    times: dict[str, list[float]] = {"cached": [], "uncached": []}
+    forwards: dict[str, int] = {}
+    for _ in range(max(2, cfg.rounds // 2)):
+        for name, kind in (("uncached", Uncached), ("cached", LogitCache)):
+            cache = kind(model)
+            t0 = time.perf_counter()
+            apgd(classifier_loss(cache, get_objective("ce"), y, None), x, ball, cfg.apgd_steps,
+                 success_fn=classifier_success(cache, y, None), generator=torch.Generator().manual_seed(0))
+            times[name].append(time.perf_counter() - t0)
+            forwards[name] = cfg.apgd_steps + 1 + cache.misses
+    cached, uncached = statistics.median(times["cached"]), statistics.median(times["uncached"])
+    return {"steps": cfg.apgd_steps, "batch": cfg.apgd_batch, "seconds_cached": cached,
+            "seconds_uncached": uncached, "speedup": uncached / cached, "forward_passes": forwards}
+
+
+def op_count_ratio(steps: int) -> float:
+    """AGKD-BML / PGD-AT cost per batch in forward-pass units (a backward ~ 2 forwards).
+
+    PGD-AT: k attack steps on B + one training pass on B = 3k + 3. AGKD-BML: k steps on 2B + a clean forward on
+    B (most-confusing class) + a training pass on 3B + a teacher forward on 2B = 6k + 1 + 9 + 2.
+    """
+    return (6 * steps + 12) / (3 * steps + 3)
+
+
+def run(cfg: BenchConfig) -> int:
+    from training.device import bf16_native, owned_cores, resolve_device
+
+    device = resolve_device(cfg.device)
+    with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
+        rows = measure_training(cfg, Path(tmp))
+    result: dict[str, Any] = {
+        "suite": "train-speed",
+        "command": cfg.command,
+        "modes": {m: MODES[m].model_dump(mode="json") for m in cfg.modes},
+        "rows": rows,
+        "apgd_cache": measure_apgd_cache(cfg),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
+                    "threads": cfg.num_threads or owned_cores(), "device": str(device),
+                    "bf16_native": bf16_native(device)},
+        "config": cfg.model_dump(mode="json"),
+    }
+    if {"agkd-bml", "pgd-at"} <= set(rows):
+        ref = cfg.modes[-1]
+        result["agkd_bml_over_pgd_at"] = {
+            "measured": rows["agkd-bml"][ref]["seconds_per_step"] / rows["pgd-at"][ref]["seconds_per_step"],
+            "op_count_bound": op_count_ratio(rows["pgd-at"][ref]["attack_steps"]), "mode": ref}
+    path = Path(cfg.results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    from training.bench.report import render_into
+
+    print(render_into(path.stem, Path(cfg.benchmarks_md), path.parent))
+    return 0
+
+
+def markdown(result: dict) -> str:
+    modes = list(result["modes"])
+    m = result["machine"]
+    lines = [
+        f"Machine: {m['platform']}, {m['threads']} threads, device {m['device']}, native bf16: "
+        f"{'yes' if m['bf16_native'] else 'no (the fast mode then runs fp32 with channels_last)'}; torch {m['torch']}.",
+        f"Each variant ran {result['config']['rounds']} rounds of {result['config']['steps_per_round']} steps, the "
+        "variants taking turns; figures are median seconds per optimiser step (attacks included) on the "
+        f"repository's recipes (configs/), {result['config']['train_subset']:,}-image subset.",
+        "",
+        "| method | arch | batch | attack steps | " + " | ".join(f"{k} s/step" for k in modes)
+        + " | " + " | ".join(f"{k} speed-up" for k in modes[1:]) + " |",
+        "|---" * (4 + 2 * len(modes) - 1) + "|",
+    ]
+    for method, row in result["rows"].items():
+        first = row[modes[0]]
+        cells = [method, first["arch"], str(first["batch_size"]), str(first["attack_steps"])]
+        cells += [f"{row[k]['seconds_per_step']:.3f}" for k in modes]
+        cells += [f"**{row[k]['speedup']:.2f}x**" for k in modes[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    a = result["apgd_cache"]
+    lines += ["", f"APGD-CE-{a['steps']} on a batch of {a['batch']} (SmallCNN): success checks answered from the "
+                  f"loss pass's logits take {a['seconds_cached']:.2f} s against {a['seconds_uncached']:.2f} s with a "
+                  f"fresh forward pass per iterate (**{a['speedup']:.2f}x**; forward passes "
+                  f"{a['forward_passes']['cached']} vs {a['forward_passes']['uncached']})."]
+    r = result.get("agkd_bml_over_pgd_at")
+    if r:
+        lines += ["", f"AGKD-BML / PGD-AT per step ({r['mode']}): **{r['measured']:.2f}x** measured, "
+                      f"{r['op_count_bound']:.2f}x by op count (forward = 1, backward = 2)."]
+    return "\n".join(lines) + "\n"
