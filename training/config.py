@@ -64,6 +64,9 @@ class TrainConfig(Frozen):
     device: str = "auto"
     out_dir: str = "runs/train"
     resume: bool = True  # continue from out_dir/last.pt when it exists
+    # Start from another run's weights (its model.pt, same architecture) instead of a fresh initialisation: a
+    # fine-tuning run. Its epochs count on top of the epochs that trained the starting point.
+    init_from: Optional[str] = None
     eval_every: int = Field(1, ge=0)  # epochs between clean test evaluations; 0: never
     num_threads: Optional[int] = Field(None, ge=1)  # None: the cores this process may run on
     speed: SpeedConfig = SpeedConfig()

@@ -169,6 +169,11 @@ def prepare(cfg: TrainConfig, rank: int = 0, world: int = 1, device: Optional[to
         model.to(memory_format=torch.channels_last)
 
     generator = seed_everything(cfg.seed * 1000 + rank)  # per-rank randomness for attacks and sampling
+    if cfg.init_from:
+        start = load_checkpoint(cfg.init_from, device)
+        if start["spec"]["arch"] != spec.arch:
+            raise ValueError(f"init_from {cfg.init_from} is a {start['spec']['arch']}, this run a {spec.arch}")
+        model.load_state_dict(start["model"])
     method = build_method(cfg.method, spec=spec, train_set=train_set, device=device, generator=generator,
                           rank=rank, world_size=world, train_config=cfg)
     method.setup(model)

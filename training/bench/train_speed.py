@@ -164,16 +164,8 @@ def measure_apgd_cache(cfg: BenchConfig) -> dict[str, Any]:
             "seconds_uncached": uncached, "speedup": uncached / cached, "forward_passes": forwards}
 
 
-def op_count_ratio(steps: int) -> float:
-    """AGKD-BML / PGD-AT cost per batch in forward-pass units (a backward ~ 2 forwards).
-
-    PGD-AT: k attack steps on B + one training pass on B = 3k + 3. AGKD-BML: k steps on 2B + a clean forward on
-    B (most-confusing class) + a training pass on 3B + a teacher forward on 2B = 6k + 1 + 9 + 2.
-    """
-    return (6 * steps + 12) / (3 * steps + 3)
-
-
 def run(cfg: BenchConfig) -> int:
+    from training.bench.robust_classifiers import op_count_ratio
     from training.device import bf16_native, owned_cores, resolve_device
 
     device = resolve_device(cfg.device)

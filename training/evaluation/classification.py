@@ -23,6 +23,7 @@ from serving.runtime.evaluation.classification import (  # noqa: F401  (re-expor
     run_attack_on,
     wilson_interval,
 )
+from training.evaluation.significance import encode_mask
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +78,16 @@ def evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, atta
         cum, robust, secs = cascade(model, attacks, x, y, eps, seed, batch_size)
         k = int(robust.sum().item())
         rows.append({"eps": eps, "attacks": cum, "worst_case": k / n, "worst_case_ci95": wilson_interval(k, n),
-                     "seconds": secs, "in_table": eps in set(eps_list)})
+                     "seconds": secs, "in_table": eps in set(eps_list),
+                     # per point, bit-packed (training.evaluation.significance.decode_mask): paired tests
+                     "worst_case_points": encode_mask(robust.cpu().numpy())})
         curve[eps] = k / n
         log.info("eps %g: %s worst %.4f", eps, cum, k / n)
     report = {
         "n": n,
         "clean_accuracy": clean,
         "clean_ci95": wilson_interval(int(clean_mask.sum().item()), n),
+        "clean_points": encode_mask(clean_mask.cpu().numpy()),
         "attacks": [a.model_dump(mode="json") for a in attacks],
         "cascade": True,
         "results": rows,

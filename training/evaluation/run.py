@@ -1,6 +1,7 @@
 """``robustserve evaluate``: load a checkpoint, attack a fixed test subset, write report JSON and curve PNG."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -47,6 +48,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "method": spec.method,
         "dataset": cfg.data.name,
         "points": f"first {len(idx)} of a permutation seeded {cfg.seed}",
+        # which test images, in order: two reports pair point by point only when these agree
+        "points_sha256": hashlib.sha256(idx.cpu().numpy().astype("int64").tobytes()).hexdigest(),
         "config": cfg.model_dump(mode="json"),
     })
     if cfg.subset is None:

@@ -43,7 +43,8 @@ def angular_distance(u: torch.Tensor, v: torch.Tensor, eps: float = 1e-8) -> tor
 
 def bml_triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
                      margin: float = 0.03, l2_weight: float = 0.001) -> torch.Tensor:
-    """AGKD-BML's bi-directional metric-learning triplet on pooled features [B, D] -> scalar.
+    """AGKD-BML's bi-directional metric-learning triplet on the representation the classifier's output layer
+    consumes (``features(x)[1]``), [B, D] -> scalar.
 
     ``mean(max(0, margin + d(a, p) - d(a, n))) + l2_weight * (mean(a^2) + mean(p^2) + mean(n^2))`` with the
     angular distance ``d``; the L2 term keeps the features from growing to shrink the angular terms' gradients.
@@ -56,8 +57,17 @@ def bml_triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: tor
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy against ``(1 - s) * onehot(y) + s / K``: logits [B, K], y [B] -> scalar (batch mean)."""
-    return F.cross_entropy(logits, y, label_smoothing=smoothing)
+    """Cross-entropy against AGKD-BML's smoothed labels: ``1 - s`` on the true class and ``s / (K - 1)`` on each
+    other class (the authors' ``softmax_crossentropy_labelsmooth``; torch's ``label_smoothing=s`` would put
+    ``1 - s + s / K`` on the true class instead). logits [B, K], y [B] -> scalar (batch mean)."""
+    if smoothing == 0.0:
+        return F.cross_entropy(logits, y)
+    k = logits.shape[1]
+    if k < 2:
+        raise ValueError("label smoothing needs at least 2 classes")
+    onehot = F.one_hot(y, k).to(logits.dtype)
+    target = onehot * (1.0 - smoothing) + (1.0 - onehot) * (smoothing / (k - 1))
+    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
 def mart_loss(logits_adv: torch.Tensor, logits_clean: torch.Tensor, y: torch.Tensor, beta: float = 6.0

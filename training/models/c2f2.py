@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import FASHION_MNIST_MEAN, FASHION_MNIST_STD, Normalize, global_avg_pool
+from .layers import FASHION_MNIST_MEAN, FASHION_MNIST_STD, Normalize
 from .registry import register_model
 
 
@@ -43,16 +43,17 @@ class C2F2(nn.Module):
 
     @torch.jit.export
     def features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [B, C, H, W] in [0, 1] -> (fmap [B, 64, H/2, W/2], pooled [B, 64], embedding [B, D]).
+        """x: [B, C, H, W] in [0, 1] -> (fmap [B, 64, H/2, W/2], rep [B, 1024], embedding [B, D]).
 
-        fmap is the ReLU output of the second conv before its max-pool.
+        fmap is the ReLU output of the second conv before its max-pool; rep is what the output layer (fc2)
+        consumes, so ``embedding = normalize(fc2(rep))``.
         """
         x = self.normalize(x)
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         fmap = F.relu(self.conv2(x))
         z = torch.flatten(F.max_pool2d(fmap, 2), 1)
-        z = self.fc2(F.relu(self.fc1(z)))
-        return fmap, global_avg_pool(fmap), F.normalize(z, p=2.0, dim=1)
+        rep = F.relu(self.fc1(z))
+        return fmap, rep, F.normalize(self.fc2(rep), p=2.0, dim=1)
 
 
 @register_model("c2f2")

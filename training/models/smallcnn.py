@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import FASHION_MNIST_MEAN, FASHION_MNIST_STD, Normalize, global_avg_pool, init_conv_kaiming
+from .layers import FASHION_MNIST_MEAN, FASHION_MNIST_STD, Normalize, init_conv_kaiming
 from .registry import register_model
 
 
@@ -50,10 +50,10 @@ class SmallCNN(nn.Module):
 
     @torch.jit.export
     def features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [B, C, H, W] in [0, 1] -> (fmap [B, 64, h, w], pooled [B, 64], logits [B, K]).
+        """x: [B, C, H, W] in [0, 1] -> (fmap [B, 64, h, w], rep [B, 200], logits [B, K]).
 
-        fmap is the ReLU output of the last conv before its max-pool (8x8 at 28x28 input), pooled its
-        global average; the logits come from the same pass.
+        fmap is the ReLU output of the last conv before its max-pool (8x8 at 28x28 input); rep is what the output
+        layer (fc3) consumes, so ``logits = fc3(rep)``; all three come from the same pass.
         """
         x = self.normalize(x)
         x = F.relu(self.conv1(x))
@@ -62,9 +62,8 @@ class SmallCNN(nn.Module):
         fmap = F.relu(self.conv4(x))
         z = torch.flatten(F.max_pool2d(fmap, 2), 1)
         z = self.drop(F.relu(self.fc1(z)))
-        z = F.relu(self.fc2(z))
-        logits = self.fc3(z)
-        return fmap, global_avg_pool(fmap), logits
+        rep = F.relu(self.fc2(z))
+        return fmap, rep, self.fc3(rep)
 
 
 @register_model("smallcnn")

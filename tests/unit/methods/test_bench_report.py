@@ -1,30 +1,70 @@
-"""The robust-classifiers bench: its section of BENCHMARKS.md is replaced in place, others are left alone."""
+"""The robust-classifiers bench: fair budgets, paired outcomes, the significance rule, its rendered section."""
 from __future__ import annotations
 
-from training.bench.robust_classifiers import SECTION, BenchConfig, op_count_ratio, train_config, write_section
+import json
+
+import numpy as np
+import pytest
+
+from serving.configio import ConfigError, load_config
+from training.bench.robust_classifiers import (BenchConfig, epochs_consumed, op_count_ratio, run, runs_of,
+                                               train_config)
 
 
-def test_write_section_replaces_only_its_own_section(tmp_path):
-    md = tmp_path / "BENCHMARKS.md"
-    md.write_text(f"# Benchmarks\n\nintro\n\n{SECTION}\n\nold table\n\n## Robust embedders\n\nkeep me\n")
-    write_section(md, f"{SECTION}\n\nnew table\n")
-    text = md.read_text()
-    assert "new table" in text and "old table" not in text
-    assert text.index("intro") < text.index("new table") < text.index("## Robust embedders") < text.index("keep me")
-    write_section(md, f"{SECTION}\n\nnewer\n")
-    assert md.read_text().count(SECTION) == 1
-
-
-def test_every_variant_shares_the_budget_and_agkd_uses_the_standard_run_as_teacher():
-    cfg = BenchConfig()
-    runs = {v: train_config(cfg, v) for v in ("standard", "pgd-at", "trades", "agkd-bml", "agkd-bml-at-only")}
-    shared = {str((r.epochs, r.batch_size, r.seed, r.data, r.model, r.optim, r.method.attack,
-                   r.method.attack_steps)) for r in runs.values()}
+def test_equal_total_budget_and_same_start():
+    cfg = BenchConfig(epochs=5, teacher_epochs=2)
+    runs = {r: train_config(cfg, 1, r) for r in runs_of(cfg)}
+    assert runs["standard"].epochs == 2 and runs["standard"].method.name == "standard"
+    assert runs["pgd-at"].epochs == runs["trades"].epochs == 5 and runs["pgd-at"].init_from is None
+    student = runs["agkd-bml"]
+    assert student.epochs == 3 and student.method.options["init_from_teacher"] is True
+    assert student.method.options["teacher"].endswith("seed-1/standard/model.pt")
+    for ft in ("pgd-at-ft", "trades-ft"):
+        assert runs[ft].epochs == 3 and runs[ft].init_from == student.method.options["teacher"]
+    # every method consumes E epochs in all, the teacher's included
+    assert {epochs_consumed(cfg, r) for r in runs if r != "standard"} == {5}
+    shared = {str((r.batch_size, r.seed, r.data, r.model, r.optim, r.method.attack, r.method.attack_steps))
+              for r in runs.values()}
     assert len(shared) == 1
-    assert runs["agkd-bml"].method.options["teacher"].endswith("standard/model.pt")
-    assert runs["agkd-bml-at-only"].method.options["w_bml"] == 0.0
+
+
+def test_teacher_must_leave_the_student_epochs():
+    with pytest.raises(ConfigError, match="teacher_epochs"):
+        load_config(BenchConfig, None, ["epochs=2", "teacher_epochs=2"])
 
 
 def test_op_count_bound():
     assert op_count_ratio(10) == (6 * 10 + 12) / (3 * 10 + 3)  # ~2.18: two PGD runs dominate
     assert 2.0 < op_count_ratio(5) < 2.5
+
+
+@pytest.mark.slow
+def test_bench_end_to_end_at_a_tiny_budget(tmp_path):
+    """Two seeds of every run at a few optimiser steps: paired per-point outcomes, McNemar and bootstrap figures
+    consistent with the per-seed accuracies, and a section that renders from the JSON."""
+    from training.bench.report import stale_sections
+    from training.evaluation.significance import decode_mask
+
+    md = tmp_path / "B.md"
+    md.write_text("# Benchmarks\n")
+    cfg = load_config(BenchConfig, None, [
+        f"out_dir={tmp_path / 'work'}", f"results={tmp_path / 'results' / 'robust_classifiers.json'}",
+        f"benchmarks_md={md}", "seeds=[0, 1]", "epochs=2", "teacher_epochs=1", "max_steps_per_epoch=1",
+        "data.train_subset=256", "eval_subset=64", "eval_batch_size=64", "sanity_checks=false", "n_boot=200",
+        "eval_attacks=[{name: fgsm, steps: 1}, {name: pgd, steps: 3}]", "device=cpu", "num_threads=1"])
+    assert run(cfg) == 0
+    summary = json.loads((tmp_path / "results" / "robust_classifiers.json").read_text())
+    assert set(summary["protocols"]) == {"equal-total", "same-start"}
+    ev = json.loads((tmp_path / "work" / "seed-1" / "agkd-bml" / "evaluation.json").read_text())
+    worst = decode_mask(ev["results"][0]["worst_case_points"], ev["n"])
+    assert worst.sum() / ev["n"] == pytest.approx(ev["results"][0]["worst_case"])
+    assert not (worst & ~decode_mask(ev["clean_points"], ev["n"])).any(), "robust but not clean"
+    c = summary["protocols"]["same-start"]["comparisons"]["agkd-bml"]["pgd-at-ft"]
+    per_seed = [summary["runs"]["agkd-bml"]["seeds"][s]["worst_case"] - summary["runs"]["pgd-at-ft"]["seeds"][s][
+        "worst_case"] for s in ("0", "1")]
+    assert c["worst_case_diff"] == pytest.approx(np.mean(per_seed))
+    for s, m in c["mcnemar_per_seed"].items():
+        assert (m["a_only"] - m["b_only"]) / 64 == pytest.approx(per_seed[int(s)])
+    assert c["verdict"] in ("met", "not shown")
+    assert stale_sections(md, tmp_path / "results") == []
+    assert "equal-total" in md.read_text() and "McNemar" in md.read_text()

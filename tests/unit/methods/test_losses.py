@@ -92,12 +92,14 @@ def test_bml_triplet_matches_loop(dtype):
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.5])
 def test_smoothed_cross_entropy_matches_loop(smoothing):
+    """The authors' smoothing (AGKD-BML's softmax_crossentropy_labelsmooth): 1 - s on the true class, s / (K - 1)
+    on each other one."""
     g = torch.Generator().manual_seed(4)
     logits, y = torch.randn(6, 10, generator=g), torch.randint(0, 10, (6,), generator=g)
     total = 0.0
     for i in range(6):
         p = _softmax([float(v) for v in logits[i]])
-        target = [(1 - smoothing) * (k == int(y[i])) + smoothing / 10 for k in range(10)]
+        target = [1 - smoothing if k == int(y[i]) else smoothing / 9 for k in range(10)]
         total += -sum(t * math.log(q) for t, q in zip(target, p))
     assert math.isclose(float(smoothed_cross_entropy(logits, y, smoothing)), total / 6, rel_tol=1e-5)
 

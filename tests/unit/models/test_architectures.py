@@ -50,7 +50,7 @@ def test_smallcnn_fmap_is_the_last_conv_before_its_pool():
     model, _ = build_model("smallcnn")
     model.eval()
     fmap, pooled, logits = model.features(torch.rand(2, 1, 28, 28))
-    assert fmap.shape == (2, 64, 8, 8) and pooled.shape == (2, 64) and logits.shape == (2, 10)
+    assert fmap.shape == (2, 64, 8, 8) and pooled.shape == (2, 200) and logits.shape == (2, 10)
 
 
 def test_smallcnn_takes_other_channels_and_sizes():
@@ -65,7 +65,7 @@ def test_c2f2_fmap_and_embedding():
     model, _ = build_model("c2f2")
     model.eval()
     fmap, pooled, emb = model.features(torch.rand(2, 1, 28, 28))
-    assert fmap.shape == (2, 64, 14, 14) and pooled.shape == (2, 64) and emb.shape == (2, 512)
+    assert fmap.shape == (2, 64, 14, 14) and pooled.shape == (2, 1024) and emb.shape == (2, 512)
 
 
 def test_wrn_fmap_is_after_the_final_bn_relu():

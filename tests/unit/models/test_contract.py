@@ -69,8 +69,14 @@ def test_features_shapes_and_same_pass_output(name):
         fmap, pooled, out = model.features(x)
         expected = model(x)
     assert fmap.dim() == 4 and fmap.shape[0] == 3 and fmap.shape[2] >= 1 and fmap.shape[3] >= 1
-    assert pooled.shape == fmap.shape[:2]
-    torch.testing.assert_close(pooled, fmap.mean(dim=(2, 3)))
+    # rep is what the output layer (the model's last nn.Linear) consumes: AGKD-BML's triplet representation.
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert pooled.dim() == 2 and pooled.shape == (3, head.in_features)
+    with torch.no_grad():
+        from_rep = head(pooled)
+    if spec.task != "classification":  # embedders: unit-norm output
+        from_rep = torch.nn.functional.normalize(from_rep, dim=1)
+    torch.testing.assert_close(from_rep, out)
     assert out.shape == (3, _out_dim(spec))
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
     # Every fmap is taken after a ReLU: AGKD-BML's attention map assumes non-negative activations.
