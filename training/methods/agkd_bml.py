@@ -1,5 +1,23 @@
 """AGKD-BML (Wang et al., ICCV 2021): attention-guided knowledge distillation from a frozen clean teacher plus
-bi-directional metric learning, on top of label-smoothed CE + MART. The algorithm is SPEC.md section 1."""
+bi-directional metric learning, on top of label-smoothed CE + MART. The algorithm is SPEC.md section 1.
+
+Checked against the authors' code (hongw579/AGKD-BML: main.py, utils.py, custom_models/model.py). The same:
+label smoothing (1 - s on the true class, s / (K - 1) on each other), MART's terms and constants, the attention map
+(channel sum, min-max normalised per sample, L1 between student and teacher), the sign-blind angular distance and
+the triplet with its L2 term on the representation the output layer consumes (WRN: the pooled map, SmallCNN: the
+fc2 activations), the forward AE toward the most confusing class, the backward AE from a random training image of
+that class toward y, both with the training PGD's eps/step/steps and a random start, one student pass in train
+mode over [x_f, x, x_b], the teacher on [x, x'], the student initialised from the teacher, loss weights 1/1/1/2.
+Deviations, with the reason:
+- Images are in [0, 1] pixel units with normalisation inside the model (theirs normalise to [-1, 1] first and
+  attack in that space): the same threat model, stated in the units every other method here uses.
+- The attacks run with every submodule in eval mode and restore each one's own flag (theirs call ``.train()``
+  on the whole net afterwards): the same for the models here, which have no mixed modes.
+- The backward source image is drawn with the run's seeded generator, and augmented as the loader augments
+  (theirs: the dataset's transform on a numpy-random draw): reproducible runs.
+- Architecture, optimiser and schedule are the run's (the paper: WRN-28-10, SGD lr 0.1, steps at 100/150 of 200
+  epochs, weight decay 2e-4); the comparison benches give every method the same ones.
+"""
 from __future__ import annotations
 
 import logging
@@ -25,7 +43,7 @@ class AGKDBMLOptions(Frozen):
     label_smoothing: float = Field(0.5, ge=0.0, lt=1.0)
     mart_beta: float = Field(6.0, ge=0.0)
     margin: float = Field(0.03, ge=0.0)  # triplet margin on the angular distance
-    feature_l2: float = Field(0.001, ge=0.0)  # weight of the pooled features' squared norm in L_bml
+    feature_l2: float = Field(0.001, ge=0.0)  # weight of the triplet representations' squared norm in L_bml
     # L = w_ce * L_ce + w_mart * L_mart + w_at * L_at + w_bml * L_bml; the published weights are 1, 1, 1, 2.
     w_ce: float = Field(1.0, ge=0.0)
     w_mart: float = Field(1.0, ge=0.0)
@@ -94,11 +112,11 @@ class AGKDBML(TrainingMethod):
 
         b = len(x)
         # One student pass over the mixed batch (BatchNorm statistics over [x_f, x, x_b], as published).
-        fmap, pooled, logits = net(torch.cat([x_f, x, x_b]), "features")
+        fmap, rep, logits = net(torch.cat([x_f, x, x_b]), "features")
         with torch.no_grad():
             t_fmap = self.teacher.features(torch.cat([x, xs]))[0]
         logits_f, logits_x = logits[:b], logits[b:2 * b]
-        z_f, z_x, z_b = pooled[:b], pooled[b:2 * b], pooled[2 * b:]
+        z_f, z_x, z_b = rep[:b], rep[b:2 * b], rep[2 * b:]
 
         l_ce = smoothed_cross_entropy(logits_f, y, o.label_smoothing)
         l_mart = mart_loss(logits_f, logits_x, y, o.mart_beta)

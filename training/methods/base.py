@@ -20,7 +20,7 @@ class TrainingMethod:
     """One training objective.
 
     ``net`` given to :meth:`training_step` is the (possibly DDP-wrapped) training module: ``net(x)`` gives logits
-    (classifiers) or embeddings (embedders) and ``net(x, "features")`` gives (fmap, pooled, logits) for classifiers.
+    (classifiers) or embeddings (embedders) and ``net(x, "features")`` gives (fmap, rep, logits) for classifiers (rep: what the output layer consumes).
     Gradients must flow through ``net`` so DDP synchronises them. ``model`` is the bare module: use it for attacks
     (they switch it to eval mode and back).
     """
