@@ -62,7 +62,7 @@ def render(stem: str, results_dir: Path = RESULTS_DIR) -> str:
         f"`robustserve bench render --set stems={stem}`.",
         "",
     ]
-    return "\n".join(head) + markdown(result).rstrip("\n") + "\n" + _END.format(stem=stem) + "\n"
+    return "\n".join(head) + "\n" + markdown(result).rstrip("\n") + "\n" + _END.format(stem=stem) + "\n"
 
 
 def _pattern(stem: str, results_dir: Path) -> re.Pattern:

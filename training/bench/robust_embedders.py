@@ -1,8 +1,8 @@
 """``robustserve bench robust-embedders``: triplet, EST, ACT, HM[S, g_LGA] and HM[S, g_LGA] + ICS trained
 with C2F2 on Fashion-MNIST under one budget (same data, SPC-2 batch, optimiser, steps, seed, training threat
 model and PGD steps), then the benign retrieval metrics and the ranking-attack suite (rob28) on the same
-fixed queries against the full test gallery. Writes a JSON report under ``benchmarks/results/`` and its
-section of ``BENCHMARKS.md``.
+fixed queries against the full test gallery. Writes a JSON report under ``benchmarks/results/``; its
+BENCHMARKS.md section is rendered from it (``robustserve bench render``).
 
 Resumable: training continues from each run's ``last.pt``; a variant whose ``evaluation.json`` exists is not
 evaluated again. The defaults are a CPU budget (about an hour on a shared 2-core machine);
@@ -24,8 +24,6 @@ from serving.runtime.spec import Frozen, ThreatModel
 from training.config import DataConfig, MethodConfig, ModelConfig, OptimConfig, TrainConfig
 
 log = logging.getLogger(__name__)
-
-SECTION = "## Robust embedders (Fashion-MNIST)"
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "triplet": ("triplet", {}),
@@ -77,6 +75,7 @@ class BenchConfig(Frozen):
     seed: int = 0
     device: str = "cpu"
     num_threads: Optional[int] = 1  # one thread each is faster than two on a shared 2-core machine
+    command: str = "robustserve bench robust-embedders"  # recorded beside the table
 
 
 def train_config(cfg: BenchConfig, variant: str) -> TrainConfig:
@@ -125,8 +124,17 @@ def pgd_steps_taken(run: Path, cfg: BenchConfig, variant: str) -> float:
     return 0.0 if VARIANTS[variant][0] == "triplet" else float(cfg.attack_steps)
 
 
+# Images one training PGD step perturbs per SPC-2 batch of B: EST the batch, ACT its B/2 pairs' two sides, HM its
+# B/2 triplets' three members; a step is one forward-backward over them, so cost = PGD steps x these images.
+ATTACKED_PER_STEP: dict[str, float] = {"triplet": 0.0, "est": 1.0, "act": 1.0, "hm": 1.5}
+
+
+def image_gradients_per_batch(method: str, pgd_steps: float, batch_size: int) -> float:
+    return round(pgd_steps * ATTACKED_PER_STEP[method] * batch_size, 1)
+
+
 def summarise(cfg: BenchConfig, reports: dict[str, dict], step_seconds: dict[str, float],
-              pgd_steps: dict[str, float]) -> dict:
+              pgd_steps: dict[str, float], command: str = "robustserve bench robust-embedders") -> dict:
     steps = cfg.steps_per_epoch
     full_epoch_batches = (cfg.data.train_subset or 60000) // cfg.batch_size
     rows = {}
@@ -135,56 +143,48 @@ def summarise(cfg: BenchConfig, reports: dict[str, dict], step_seconds: dict[str
         per_step = step_seconds[v] / (steps or full_epoch_batches)
         rows[v] = {"benign": r["benign"], "attacks": r["attacks"], "terms": r["terms"], "ERS": r["ERS"],
                    "pgd_steps_per_batch": round(pgd_steps[v], 2),
+                   "image_gradients_per_batch": image_gradients_per_batch(VARIANTS[v][0], pgd_steps[v],
+                                                                          cfg.batch_size),
                    "seconds_per_batch": round(per_step, 3),
                    "seconds_per_full_epoch": round(per_step * full_epoch_batches, 1),
                    "eval_seconds": r["seconds"], "published": PUBLISHED.get(v)}
-    return {"suite": "robust-embedders", "config": cfg.model_dump(mode="json"), "full_protocol": FULL_PROTOCOL,
+    return {"suite": "robust-embedders", "command": command, "config": cfg.model_dump(mode="json"),
+            "full_protocol": FULL_PROTOCOL,
             "points": next(iter(reports.values()))["points"] if reports else None,
             "machine": {"platform": platform.platform(), "torch": torch.__version__,
                         "threads": torch.get_num_threads()},
             "variants": rows}
 
 
-def markdown(summary: dict, command: str) -> str:
+def markdown(summary: dict) -> str:
     c = summary["config"]
     head = ("| variant | R@1 | R@2 | mAP | NMI | CA+ | CA- | QA+ | QA- | TMA | ES:D | ES:R | LTM | GTM | GTT | ERS "
-            "| PGD steps/batch | s/batch | s/epoch (60k) | robrank R@1 / ERS |")
+            "| PGD steps/batch | image-gradients/batch | s/batch | robrank R@1 / ERS |")
     batches = c["epochs"] * (c["steps_per_epoch"] or (c["data"]["train_subset"] or 60000) // c["batch_size"])
-    lines = [SECTION, "",
-             f"Command: `{command}` (JSON: `{c['results']}`).", "",
-             f"Budget, the same for every variant: C2F2, {batches} "
-             f"SPC-2 batches of "
+    lines = [f"Budget, the same for every variant: C2F2, {batches} SPC-2 batches of "
              f"{c['batch_size']} from the 60,000 training images, Adam lr {c['optim']['lr']}, "
              f"training PGD {c['attack_steps']} steps, L-inf eps {c['attack']['eps'] * 255:.0f}/255, "
-             f"step {c['attack']['step'] * 255:.0f}/255. Attacks: rob28 (eps 77/255, step 3/255, 32 steps, "
+             f"step {c['attack']['step'] * 255:.2f}/255. Attacks: rob28 (eps 77/255, step 3/255, 32 steps, "
              f"no random start), W = M = 1, {summary['points']}. Benign metrics: all 10,000 test images. "
              f"Full protocol: {json.dumps(summary['full_protocol'])}.", "",
              "Attack columns are the raw values (CA/QA: rank percentile %, TMA: cosine, ES:D: embedding shift, "
-             "ES:R/LTM/GTM: Recall@1 %, GTT: % top-1 kept in the top 4); ERS is the mean of their ten terms.", "",
-             head, "|" + "---|" * (head.count("|") - 1)]
+             "ES:R/LTM/GTM: Recall@1 %, GTT: % top-1 kept in the top 4); ERS is the mean of their ten terms. "
+             "Cost: image-gradients per batch = training PGD steps x images each step perturbs (EST and ACT: the "
+             "batch; HM: its triplets' three members, 1.5 x the batch); s/batch is wall time on a shared machine.",
+             "", head, "|" + "---|" * (head.count("|") - 1)]
     for v, r in summary["variants"].items():
         b, a = r["benign"], r["attacks"]
         pub = r.get("published")
         pub_s = f"{pub['R@1']} / {pub['ERS']}" if pub else "-"
+        grads = r.get("image_gradients_per_batch")
+        if grads is None:  # results written before the column existed
+            grads = image_gradients_per_batch(VARIANTS[v][0], r["pgd_steps_per_batch"], c["batch_size"])
         lines.append(
             f"| {v} | {b['R@1']:.1f} | {b['R@2']:.1f} | {b['mAP']:.1f} | {b['NMI']:.1f} | {a['CA+']:.1f} | "
             f"{a['CA-']:.1f} | {a['QA+']:.1f} | {a['QA-']:.1f} | {a['TMA']:.3f} | {a['ES:D']:.3f} | {a['ES:R']:.1f} | "
             f"{a['LTM']:.1f} | {a['GTM']:.1f} | {a['GTT']:.1f} | **{r['ERS']:.1f}** | {r['pgd_steps_per_batch']} | "
-            f"{r['seconds_per_batch']} | "
-            f"{r['seconds_per_full_epoch']} | {pub_s} |")
-    lines.append("")
-    return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("" if nxt < 0 else text[nxt:])
-    path.write_text(text if text.endswith("\n") else text + "\n")
+            f"{grads:g} | {r['seconds_per_batch']} | {pub_s} |")
+    return "\n".join(lines) + "\n"
 
 
 def run(cfg: BenchConfig) -> int:
@@ -214,10 +214,11 @@ def run(cfg: BenchConfig) -> int:
         step_seconds[v] = seconds_per_step(run_dir)
         pgd_steps[v] = pgd_steps_taken(run_dir, cfg, v)
         log.info("%s: R@1 %.1f ERS %.1f", v, reports[v]["benign"]["R@1"], reports[v]["ERS"])
-    summary = summarise(cfg, reports, step_seconds, pgd_steps)
+    summary = summarise(cfg, reports, step_seconds, pgd_steps, cfg.command)
     res = Path(cfg.results)
     res.parent.mkdir(parents=True, exist_ok=True)
-    res.write_text(json.dumps(summary, indent=2))
-    write_section(Path(cfg.benchmarks_md), markdown(summary, "robustserve bench robust-embedders"))
-    print(markdown(summary, "robustserve bench robust-embedders"))
+    res.write_text(json.dumps(summary, indent=2) + "\n")
+    from training.bench.report import render_into
+
+    print(render_into(res.stem, Path(cfg.benchmarks_md), res.parent))
     return 0
