@@ -42,6 +42,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "agkd-bml-bml-only": ("agkd-bml", {"w_at": 0.0}),
     # A diagnostic, not part of the method: the published label smoothing 0.5 switched off.
     "agkd-bml-no-ls": ("agkd-bml", {"label_smoothing": 0.0}),
+    # Inside the published family: the same 0.5 smoothing, reached by a linear ramp over the first student epoch.
+    "agkd-bml-ls-ramp": ("agkd-bml", {"label_smoothing_ramp_epochs": 1.0}),
 }
 BASELINES = ("pgd-at", "trades")
 PROTOCOLS = ("equal-total", "same-start")

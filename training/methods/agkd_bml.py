@@ -41,6 +41,10 @@ class AGKDBMLOptions(Frozen):
     teacher: str  # a `standard` checkpoint (model.pt) of the same architecture
     init_from_teacher: bool = True
     label_smoothing: float = Field(0.5, ge=0.0, lt=1.0)
+    # Epochs over which the smoothing rises linearly from 0 to label_smoothing (0: the published constant). A
+    # student distilled for a few epochs only spends them fitting 0.5-smoothed targets; the ramp lets it fit the
+    # labels first, as the published schedule's 200 epochs allow.
+    label_smoothing_ramp_epochs: float = Field(0.0, ge=0.0)
     mart_beta: float = Field(6.0, ge=0.0)
     margin: float = Field(0.03, ge=0.0)  # triplet margin on the angular distance
     feature_l2: float = Field(0.001, ge=0.0)  # weight of the triplet representations' squared norm in L_bml
@@ -102,6 +106,24 @@ class AGKDBML(TrainingMethod):
         augment = self.options.augment_backward
         self.augment_backward = bool(cfg.data.augment if augment is None and cfg is not None else augment)
         self.ball = LpBall.from_threat(self.cfg.attack)
+        self.steps_done = 0
+        per_epoch = len(self.train_set) // max(1, cfg.batch_size) if cfg is not None else 1
+        if cfg is not None and cfg.max_steps_per_epoch:
+            per_epoch = min(per_epoch, cfg.max_steps_per_epoch)
+        self.steps_per_epoch = max(1, per_epoch)
+
+    def smoothing(self) -> float:
+        """The label smoothing of the current step (the ramp's value while it lasts)."""
+        o = self.options
+        if o.label_smoothing_ramp_epochs <= 0:
+            return o.label_smoothing
+        return o.label_smoothing * min(1.0, self.steps_done / (o.label_smoothing_ramp_epochs * self.steps_per_epoch))
+
+    def state_dict(self) -> dict:
+        return {"steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_done = int(state.get("steps_done", 0))
 
     def training_step(self, net, model, x, y):
         o = self.options
@@ -118,7 +140,9 @@ class AGKDBML(TrainingMethod):
         logits_f, logits_x = logits[:b], logits[b:2 * b]
         z_f, z_x, z_b = rep[:b], rep[b:2 * b], rep[2 * b:]
 
-        l_ce = smoothed_cross_entropy(logits_f, y, o.label_smoothing)
+        smoothing = self.smoothing()
+        self.steps_done += 1
+        l_ce = smoothed_cross_entropy(logits_f, y, smoothing)
         l_mart = mart_loss(logits_f, logits_x, y, o.mart_beta)
         l_at = attention_distillation(fmap[:b], t_fmap[:b]) + attention_distillation(fmap[2 * b:], t_fmap[b:])
         l_bml = bml_triplet_loss(z_f, z_x, z_b, o.margin, o.feature_l2)
@@ -126,4 +150,4 @@ class AGKDBML(TrainingMethod):
         with torch.no_grad():
             adv_acc = (logits_f.argmax(1) == y).float().mean().item()
         return loss, {"loss": loss.item(), "ce": l_ce.item(), "mart": l_mart.item(), "at": l_at.item(),
-                      "bml": l_bml.item(), "adv_acc": adv_acc}
+                      "bml": l_bml.item(), "adv_acc": adv_acc, "smoothing": smoothing}

@@ -116,3 +116,22 @@ def test_missing_teacher_option_is_a_config_error():
 
     with pytest.raises(ValidationError, match="teacher"):
         TrainConfig(method=MethodConfig(name="agkd-bml"))
+
+
+def test_label_smoothing_ramps_to_the_published_value_and_resumes(train_set, batch, teacher_path):
+    """With a ramp, the smoothing rises linearly from 0 over the given epochs, then stays at label_smoothing; the
+    step count travels in the method's state, so a resumed run continues the ramp."""
+    method, model, net = make_method("agkd-bml", train_set, {"teacher": teacher_path, "label_smoothing": 0.5,
+                                                             "label_smoothing_ramp_epochs": 1.0}, steps=1)
+    per_epoch = method.steps_per_epoch
+    assert per_epoch == len(train_set) // 128
+    assert method.smoothing() == 0.0
+    x, y = batch
+    _, figs = method.training_step(net, model, x, y)
+    assert figs["smoothing"] == 0.0 and method.steps_done == 1
+    method.load_state_dict({"steps_done": per_epoch // 2})
+    assert method.smoothing() == pytest.approx(0.5 * (per_epoch // 2) / per_epoch)
+    method.load_state_dict({"steps_done": 10 * per_epoch})
+    assert method.smoothing() == 0.5
+    constant, _, _ = make_method("agkd-bml", train_set, {"teacher": teacher_path})
+    assert constant.smoothing() == 0.5
