@@ -38,5 +38,21 @@ class UnsupportedMediaType(RequestError):
     code = "unsupported_media_type"
 
 
+class InternalError(RequestError):
+    """A failure on the server's side, answered 500 with an id the log also holds."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, error_id: str):
+        super().__init__(message)
+        self.error_id = error_id
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["error"]["id"] = self.error_id
+        return d
+
+
 class ArtifactError(RuntimeError):
     """An exported model folder that cannot be served: missing file, hash mismatch, failed self-test."""

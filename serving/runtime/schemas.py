@@ -68,8 +68,12 @@ class Prediction(Frozen):
 
 
 class ClassificationResponse(Frozen):
+    """One image's answer. ``probabilities`` (every class's, in class order) is filled only when asked for
+    (the v2 ``probabilities`` output)."""
+
     model: str
     predictions: list[Prediction]
+    probabilities: Optional[list[float]] = None
 
 
 class Neighbor(Frozen):
@@ -80,6 +84,8 @@ class Neighbor(Frozen):
 
 
 class RetrievalResponse(Frozen):
+    """One image's answer: the nearest gallery items, the embedding, or both, as asked."""
+
     model: str
     neighbors: Optional[list[Neighbor]] = None
     embedding: Optional[list[float]] = None

@@ -203,3 +203,24 @@ def test_gallery_from_another_model_refused(retrieval_dir, tmp_path):
 def test_wrong_task_refused(classifier_export):
     with pytest.raises(ArtifactError, match="classification model"):
         RetrievalService(classifier_export)
+
+
+def test_protocols_decode_to_one_typed_input_and_answer(classifier, images):
+    """The codecs meet the task at its typed input and response: a PNG sent natively and the same PNG in a v2
+    request decode to the same images and options, and the task answers both with equal typed responses."""
+    from serving.runtime.codecs import KSERVE_V2, NATIVE
+
+    x, _ = images
+    png = encode(x[0])
+    v2 = {"inputs": [{"name": "img", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(png).decode()]}],
+          "parameters": {"top_k": 2}}
+    a, b = classifier.decode(RawRequest(png, {"top_k": "2"})), classifier.decode(RawRequest(v2))
+    assert (a.codec, b.codec) == (NATIVE, KSERVE_V2)
+    np.testing.assert_array_equal(a.x, b.x)
+    assert a.options == b.options and a.fields == b.fields == {"predictions"}
+    ra, rb = classifier.answer([a, b], [classifier.forward(a.x), classifier.forward(b.x)])
+    assert ra == rb
+    native, v2_body = (it.codec.encode(it, r, classifier) for it, r in ((a, ra), (b, rb)))
+    out = {o["name"]: o["data"] for o in v2_body["outputs"]}
+    assert out["top_k_indices"] == [p["index"] for p in native["predictions"]]
+    assert out["top_k_labels"] == [p["label"] for p in native["predictions"]]

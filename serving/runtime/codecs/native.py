@@ -1,0 +1,45 @@
+"""The native protocol: raw PNG/JPEG bytes (options as query parameters, form fields or headers), or a JSON object
+with one image as base64 (``image``) or as numbers (``tensor``), options beside it (:mod:`serving.runtime.schemas`).
+Answers are the task's response model as JSON; errors ``{"error": {"status", "code", "message"}}``."""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from serving.runtime.codecs.base import Codec, CodecTarget, RawRequest, TaskInput, validate
+from serving.runtime.errors import InvalidInput, RequestError
+from serving.runtime.preprocess import decode_image, image_from_base64, tensor_input_to_array
+
+
+def _text(v: Any) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)
+
+
+class NativeCodec(Codec):
+    name = "native"
+
+    def decode(self, raw: RawRequest, target: CodecTarget) -> TaskInput:
+        s = target.settings
+        if isinstance(raw.body, bytes):  # an image: read_body lets only PNG/JPEG bytes through
+            opts = target.options({k: _text(v) for k, v in raw.params.items()})
+            x = decode_image(raw.body, target.spec, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)[None]
+        else:
+            if not isinstance(raw.body, dict):
+                raise InvalidInput(f"the JSON body must be an object, got {type(raw.body).__name__}")
+            req = validate(target.request_model, raw.body)
+            if req.image is not None:
+                x = image_from_base64(req.image, target.spec, max_bytes=s.max_image_bytes,
+                                      max_pixels=s.max_image_pixels)[None]
+            else:
+                x = tensor_input_to_array(req.tensor, target.spec, max_images=1)
+            opts = target.check_options(req.model_dump(exclude={"image", "tensor"}, exclude_none=True))
+        return TaskInput(x, opts, target.native_fields(opts), self)
+
+    def encode(self, item: TaskInput, responses: list[BaseModel], target: CodecTarget) -> dict[str, Any]:
+        # One image per native request. exclude_unset: fields the task did not fill (not asked for) are left
+        # out, while a field set to None (a neighbour without a class name) stays.
+        return responses[0].model_dump(exclude_unset=True)
+
+    def error(self, e: RequestError) -> dict[str, Any]:
+        return e.to_dict()
