@@ -7,8 +7,8 @@ A results file ``benchmarks/results/<stem>.json`` names its suite (``"suite"``);
     ...
     <!-- end generated: <stem> -->
 
-and starts with the command that regenerates it (``robustserve bench render --set stems=<stem>``) and the command that measured
-it. A second variant of a suite (another ``results=`` path) gets a section of its own. Prose that interprets the
+and starts with the command that regenerates it (``robustserve bench render --set stems=<stem>``) and the command
+that measured it. A second variant of a suite (another ``results=`` path) gets a section of its own. Prose that interprets the
 figures lives outside the markers, in hand-written sections that name the JSON they read.
 """
 from __future__ import annotations

@@ -54,6 +54,10 @@ class BenchConfig(Frozen):
     warmup_steps: int = Field(1, ge=0)
     train_subset: int = Field(2048, ge=256)
     attack_steps: int | None = Field(None, ge=1)  # None: each recipe's own (10 for classifiers, 32 for embedders)
+    # The robustness check: the same short PGD-AT run in each mode, then one attack cascade on the same test points;
+    # the fast mode must land within the reference's 95 % interval. 0 steps: skipped.
+    check_steps: int = Field(300, ge=0)
+    check_points: int = Field(1000, ge=100)
     apgd_steps: int = Field(100, ge=1)
     apgd_batch: int = Field(128, ge=1)
     device: str = "cpu"
@@ -164,6 +168,38 @@ def measure_apgd_cache(cfg: BenchConfig) -> dict[str, Any]:
             "seconds_uncached": uncached, "speedup": uncached / cached, "forward_passes": forwards}
 
 
+def robustness_check(cfg: BenchConfig, work: Path) -> dict[str, Any]:
+    """PGD-AT for ``check_steps`` optimiser steps in each mode (same seed, data order and recipe), then clean
+    accuracy and the PGD-20 -> APGD-CE cascade at eps 0.1 on the same ``check_points`` test points, in fp32."""
+    from serving.runtime.evaluation.classification import wilson_interval
+    from training.config import AttackSpec, EvaluateConfig
+    from training.evaluation.run import evaluate
+    from training.trainer import train
+
+    out: dict[str, Any] = {}
+    for mode in cfg.modes:
+        tc = _config(cfg, "pgd-at", mode, work / f"check-{mode}", None)
+        tc = tc.model_copy(update={"epochs": 1, "max_steps_per_epoch": cfg.check_steps,
+                                   "data": tc.data.model_copy(update={"train_subset": None})})
+        t0 = time.perf_counter()
+        run_dir = train(tc)
+        seconds = time.perf_counter() - t0
+        suite = (AttackSpec(name="pgd", steps=20), AttackSpec(name="apgd-ce", steps=cfg.apgd_steps))
+        rep = evaluate(EvaluateConfig(checkpoint=str(run_dir / "model.pt"), subset=cfg.check_points, eps=(0.1,),
+                                      attacks=suite, sanity_checks=False, device=cfg.device,
+                                      num_threads=cfg.num_threads))
+        row = rep["results"][0]
+        k = round(row["worst_case"] * rep["n"])
+        out[mode] = {"train_seconds": seconds, "clean": rep["clean_accuracy"], "worst_case": row["worst_case"],
+                     "worst_case_ci95": list(wilson_interval(k, rep["n"])), "attacks": row["attacks"],
+                     "n": rep["n"]}
+    ref = out[cfg.modes[0]]
+    for mode in cfg.modes[1:]:
+        lo, hi = ref["worst_case_ci95"]
+        out[mode]["within_reference_ci"] = lo <= out[mode]["worst_case"] <= hi
+    return out
+
+
 def run(cfg: BenchConfig) -> int:
     from training.bench.robust_classifiers import op_count_ratio
     from training.device import bf16_native, owned_cores, resolve_device
@@ -171,12 +207,14 @@ def run(cfg: BenchConfig) -> int:
     device = resolve_device(cfg.device)
     with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
         rows = measure_training(cfg, Path(tmp))
+        check = robustness_check(cfg, Path(tmp)) if cfg.check_steps else None
     result: dict[str, Any] = {
         "suite": "train-speed",
         "command": cfg.command,
         "modes": {m: MODES[m].model_dump(mode="json") for m in cfg.modes},
         "rows": rows,
         "apgd_cache": measure_apgd_cache(cfg),
+        "robustness_check": check,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
                     "threads": cfg.num_threads or owned_cores(), "device": str(device),
                     "bf16_native": bf16_native(device)},
@@ -221,6 +259,20 @@ def markdown(result: dict) -> str:
                   f"loss pass's logits take {a['seconds_cached']:.2f} s against {a['seconds_uncached']:.2f} s with a "
                   f"fresh forward pass per iterate (**{a['speedup']:.2f}x**; forward passes "
                   f"{a['forward_passes']['cached']} vs {a['forward_passes']['uncached']})."]
+    chk = result.get("robustness_check")
+    if chk:
+        first = next(iter(chk.values()))
+        lines += ["", f"Robustness check: PGD-AT (configs/classifiers/pgd-at.yaml), {result['config']['check_steps']} "
+                      f"optimiser steps on all 60,000 images in each mode, then clean accuracy and PGD-20 -> "
+                      f"APGD-CE-{result['config']['apgd_steps']} at eps 0.1 on {first['n']:,} test points, in fp32:",
+                  "", "| mode | clean | worst case (95 % CI) | train s | within the reference's CI |",
+                  "|---|---|---|---|---|"]
+        for mode, c in chk.items():
+            lo, hi = c["worst_case_ci95"]
+            within = ("reference" if "within_reference_ci" not in c
+                      else "yes" if c["within_reference_ci"] else "**no**")
+            lines.append(f"| {mode} | {100 * c['clean']:.2f} | {100 * c['worst_case']:.2f} ({100 * lo:.1f}-"
+                         f"{100 * hi:.1f}) | {c['train_seconds']:.0f} | {within} |")
     r = result.get("agkd_bml_over_pgd_at")
     if r:
         lines += ["", f"AGKD-BML / PGD-AT per step ({r['mode']}): **{r['measured']:.2f}x** measured, "

@@ -50,3 +50,25 @@ def test_render_into_replaces_only_its_own_section(tmp_path):
 def test_unknown_suite_is_named():
     with pytest.raises(ValueError, match="no renderer for suite 'nope'"):
         report.renderer("nope")
+
+
+@pytest.mark.slow
+def test_train_speed_bench_runs_and_renders(tmp_path):
+    """The speed bench end to end at a tiny budget: every variant timed, the cache figure, the robustness check."""
+    from serving.configio import load_config
+    from training.bench.train_speed import BenchConfig, run
+
+    md = tmp_path / "B.md"
+    cfg = load_config(BenchConfig, None, [
+        "methods=[pgd-at]", "rounds=1", "steps_per_round=1", "warmup_steps=0", "train_subset=256",
+        "attack_steps=1", "apgd_steps=2", "apgd_batch=8", "check_steps=2", "check_points=100", "num_threads=1",
+        f"results={tmp_path / 'train_speed.json'}", f"benchmarks_md={md}"])
+    assert run(cfg) == 0
+    result = json.loads((tmp_path / "train_speed.json").read_text())
+    row = result["rows"]["pgd-at"]
+    assert row["fp32-eager"]["speedup"] == 1.0 and row["fast"]["channels_last"] is True
+    assert row["fp32-eager"]["channels_last"] is False and row["fp32-eager"]["autocast"] is None
+    assert result["apgd_cache"]["forward_passes"] == {"cached": 3, "uncached": 6}
+    assert set(result["robustness_check"]) == {"fp32-eager", "fast"}
+    assert "within_reference_ci" in result["robustness_check"]["fast"]
+    assert report.stale_sections(md, tmp_path) == []
