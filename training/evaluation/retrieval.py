@@ -102,21 +102,28 @@ def evaluate_embedder(model: nn.Module, x: torch.Tensor, y: torch.Tensor, query_
     log.info("benign: %s", {k: round(v, 2) for k, v in benign.items()})
     suite = attack_suite(model, x, y, query_idx, profile, seed=seed, batch_size=batch_size, gallery=gallery)
     return {"task": "embedding", "benign": benign, "profile": profile.model_dump(), "attacks": suite["raw"],
-            "terms": suite.get("terms"), "ERS": suite.get("ERS"), "attack_seconds": suite["seconds"],
+            "terms": suite.get("terms"), "terms_se": suite.get("terms_se"), "ERS": suite.get("ERS"),
+            "ERS_se": suite.get("ERS_se"), "attack_seconds": suite["seconds"],
             "queries": int(query_idx.numel()), "gallery": int(x.shape[0]),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def format_table(report: dict) -> str:
+    """The benign line, then one row per ERS term: raw value, term and the term's standard error over queries."""
     b = report["benign"]
+    se = report.get("terms_se") or {}
     lines = [f"benign (gallery {report['gallery']}): " + ", ".join(f"{k} {v:.1f}" for k, v in b.items()),
              f"attacks ({report['profile']['name']}: eps {report['profile']['eps']:.4f}, "
              f"{report['profile']['steps']} steps, {report['queries']} queries):",
-             f"{'attack':<6} {'value':>8} {'term':>6}"]
+             f"{'attack':<6} {'value':>8} {'term':>6} {'SE':>5}"]
     for k in ERS_TERMS:
         v = report["attacks"].get(k)
         term = (report.get("terms") or {}).get(k)
-        lines.append(f"{k:<6} {v:>8.3f} {term:>6.1f}" if term is not None else f"{k:<6} {v!s:>8}")
+        if term is None:
+            lines.append(f"{k:<6} {v!s:>8}")
+        else:
+            lines.append(f"{k:<6} {v:>8.3f} {term:>6.1f} {se[k]:>5.2f}" if k in se else f"{k:<6} {v:>8.3f} {term:>6.1f}")
     if report.get("ERS") is not None:
-        lines.append(f"ERS {report['ERS']:.1f}")
+        tail = f" +- {report['ERS_se']:.2f} (SE)" if report.get("ERS_se") is not None else ""
+        lines.append(f"ERS {report['ERS']:.1f}{tail}")
     return "\n".join(lines)

@@ -1,8 +1,18 @@
-"""Embedder robustness under the ranking attacks (robrank's definitions, W = M = 1) and the ERS aggregate.
+"""Embedder robustness under the ranking attacks (robrank's definitions, W = M = 1) and the ERS aggregate with
+each term's standard error.
 
 A query set is attacked against a fixed gallery of clean embeddings; a query that is itself a gallery item (its
 ``self_idx``) never retrieves itself. Offline evaluation attacks test images against the whole test set; a probe
 attacks its held-out probe set against the archive's gallery.
+
+The measurements follow robrank's ``AdvRank.eval_advrank`` on the adversarial batch, the ERS terms
+``ersnormalize`` in robrank's ``tools/pjswipe.py``. Departures, and why:
+
+- R@1 after ES/LTM/GTM and GTT's retain@4 leave out the row's own gallery item by its index; robrank leaves out
+  the item nearest to the clean embedding, which is the same item whenever the query is in the gallery (and
+  the query's clean embedding is not duplicated), and an arbitrary one for a query outside the gallery.
+- Every figure is a mean over queries; robrank averages per-batch means, which weights a short last batch
+  more. Per-query means are what the standard errors describe.
 """
 from __future__ import annotations
 
@@ -22,6 +32,21 @@ log = logging.getLogger(__name__)
 
 # The ten ERS terms in the paper's column order, each mapped to [0, 100] (higher = more robust).
 ERS_TERMS = ("CA+", "CA-", "QA+", "QA-", "TMA", "ES:D", "ES:R", "LTM", "GTM", "GTT")
+# term = offset + scale * raw, robrank's ``ersnormalize``: a random CA+/QA+ pair sits at the 50th percentile on
+# average, hence the 2; ES:D lies in [0, 2] for unit vectors. Like robrank, no term is clipped, so a CA+/QA+
+# percentile above 50 or a negative TMA cosine gives a term above 100.
+_TERM_AFFINE: dict[str, tuple[float, float]] = {
+    "CA+": (0.0, 2.0),
+    "CA-": (100.0, -1.0),
+    "QA+": (0.0, 2.0),
+    "QA-": (100.0, -1.0),
+    "TMA": (100.0, -100.0),
+    "ES:D": (100.0, -50.0),
+    "ES:R": (0.0, 1.0),
+    "LTM": (0.0, 1.0),
+    "GTM": (0.0, 1.0),
+    "GTT": (0.0, 1.0),
+}
 
 
 class RankProfile(Frozen):
@@ -33,9 +58,11 @@ class RankProfile(Frozen):
     steps: int = Field(ge=1)
 
 
+# robrank's cmdline.py: profile_rob28 (eps 0.30196 = 77/255) and profile_rob224 (eps 0.03137 = 8/255), both
+# alpha 0.011764 = 3/255 and pgditer 32.
 PROFILES = {
-    "rob28": RankProfile(name="rob28", eps=77 / 255, step=3 / 255, steps=32),  # robrank's 28x28 setting
-    "rob224": RankProfile(name="rob224", eps=8 / 255, step=3 / 255, steps=32),  # the paper's ResNet-18 setting
+    "rob28": RankProfile(name="rob28", eps=77 / 255, step=3 / 255, steps=32),
+    "rob224": RankProfile(name="rob224", eps=8 / 255, step=3 / 255, steps=32),
 }
 
 
@@ -43,35 +70,35 @@ def default_profile(input_size: Sequence[int]) -> str:
     return "rob28" if max(input_size) <= 32 else "rob224"
 
 
+def ers_term(name: str, raw: torch.Tensor | float) -> torch.Tensor | float:
+    """One ERS term from its raw value (a float, or a tensor of per-query values)."""
+    offset, scale = _TERM_AFFINE[name]
+    return offset + scale * raw
+
+
 def ers_terms(raw: dict[str, float]) -> dict[str, float]:
-    """Per-attack values -> ERS terms in [0, 100], for the attacks present in ``raw``.
+    """Per-attack values -> ERS terms (100 = unharmed), for the attacks present in ``raw``.
 
     raw: CA+/CA-/QA+/QA- rank percentiles (%), TMA mean cosine, ES:D mean embedding shift (in [0, 2]),
     ES:R/LTM/GTM Recall@1 (%), GTT % of queries whose top-1 stays in the top 4. CA+ and QA+ double the
-    percentile (a random item sits at 50 % on average) and are capped at 100.
+    percentile (a random item sits at 50 % on average).
     """
-    f = {
-        "CA+": lambda v: min(100.0, 2.0 * v),
-        "CA-": lambda v: 100.0 - v,
-        "QA+": lambda v: min(100.0, 2.0 * v),
-        "QA-": lambda v: 100.0 - v,
-        "TMA": lambda v: 100.0 * (1.0 - v),
-        "ES:D": lambda v: 100.0 * (2.0 - v) / 2.0,
-        "ES:R": lambda v: v,
-        "LTM": lambda v: v,
-        "GTM": lambda v: v,
-        "GTT": lambda v: v,
-    }
-    return {k: float(min(100.0, max(0.0, f[k](raw[k])))) for k in ERS_TERMS if k in raw}
+    return {k: float(ers_term(k, raw[k])) for k in ERS_TERMS if k in raw}
 
 
 def ers(raw: dict[str, float]) -> float:
-    """Empirical Robustness Score: the mean of the ten terms of :func:`ers_terms`, in [0, 100]."""
+    """Empirical Robustness Score: the mean of the ten terms of :func:`ers_terms` (robrank's ``ers``)."""
     missing = [k for k in ERS_TERMS if k not in raw]
     if missing:
         raise ValueError(f"ERS needs all ten terms; missing {missing}")
     terms = ers_terms(raw)
     return float(sum(terms[k] for k in ERS_TERMS) / len(ERS_TERMS))
+
+
+def standard_error(v: torch.Tensor) -> float:
+    """Standard error of the mean of per-query values v [Q] (sample standard deviation / sqrt(Q)); 0 for Q < 2."""
+    v = v.double()
+    return float(v.std(unbiased=True) / v.numel() ** 0.5) if v.numel() > 1 else 0.0
 
 
 @torch.no_grad()
@@ -100,21 +127,21 @@ def _nearest(e: torch.Tensor, gallery: torch.Tensor, self_idx: torch.Tensor, k: 
 
 @torch.no_grad()
 def measure(name: str, e_adv: torch.Tensor, t: RankTargets) -> dict[str, torch.Tensor]:
-    """Per-row outcome of attack ``name`` from the adversarial embeddings e_adv [b, D]:
-    CA/QA: 'prank' (% of the compared gallery ranked before the pair); TMA: 'cos'; ES: 'shift' and 'r1';
-    LTM/GTM: 'r1'; GTT: 'kept' (1 when the original top-1 is still in the top 4)."""
+    """Per-row outcome of attack ``name`` from the adversarial embeddings e_adv [b, D], as robrank measures it:
+    CA: 'prank', % of the gallery nearer to the query than the candidate (robrank's ``RankLossCandidateAttack``
+    rank / N); QA: 'prank', % of the gallery ranked before the candidate (``RankLossQueryAttack``'s rank / N);
+    TMA: 'cos' to the target; ES: 'shift' ||e_adv - orig|| and 'r1'; LTM/GTM: 'r1' (Recall@1 %, self excluded);
+    GTT: 'kept' (100 when the clean top-1 is still in the top 4, self excluded)."""
     g = t.gallery
     if name.startswith("CA") or name.startswith("QA"):
-        keep = t.exclude(True)
         if name.startswith("CA"):
             q = g[t.target]
             a = (e_adv - q).norm(dim=1, keepdim=True)
             b = torch.cdist(q, g)
         else:
-            a = (e_adv - g[t.target]).norm(dim=1, keepdim=True)
             b = torch.cdist(e_adv, g)
-        before = ((b < a) & keep).sum(1).float()
-        return {"prank": 100.0 * before / keep.sum(1).float()}
+            a = b.gather(1, t.target.unsqueeze(1))  # from the same matrix, so the candidate never precedes itself
+        return {"prank": 100.0 * (b < a).float().mean(dim=1)}
     if name == "TMA":
         return {"cos": (e_adv * g[t.target]).sum(1) / e_adv.norm(dim=1)}
     nn1 = _nearest(e_adv, g, t.self_idx, GTT_DEPTH)
@@ -150,6 +177,7 @@ def attack_queries(model: nn.Module, xq: torch.Tensor, yq: torch.Tensor, self_id
     if not in_gallery.all():
         orig = torch.where(in_gallery.unsqueeze(1), orig, embed(model, xq))
     raw: dict[str, float] = {}
+    per_query: dict[str, torch.Tensor] = {}  # ERS term -> per-query term values [Q]
     seconds: dict[str, float] = {}
     for name in attacks:
         t0 = time.perf_counter()
@@ -168,18 +196,23 @@ def attack_queries(model: nn.Module, xq: torch.Tensor, yq: torch.Tensor, self_id
                 outs.setdefault(k, []).append(v.cpu())
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"time budget spent (after {name})")
-        vals = {k: float(torch.cat(v).mean()) for k, v in outs.items()}
-        if name == "ES":
-            raw["ES:D"], raw["ES:R"] = vals["shift"], vals["r1"]
-        else:
-            raw[name] = next(iter(vals.values()))
+        cat = {k: torch.cat(v) for k, v in outs.items()}
+        pairs = ((("ES:D", "shift"), ("ES:R", "r1")) if name == "ES" else ((name, next(iter(cat))),))
+        for term, key in pairs:
+            raw[term] = float(cat[key].mean())
+            per_query[term] = ers_term(term, cat[key].double())
         seconds[name] = round(time.perf_counter() - t0, 1)
-        log.info("%s: %s (%.0f s)", name, {k: round(v, 4) for k, v in vals.items()}, seconds[name])
+        log.info("%s: %s (%.0f s)", name, {k: round(float(v.mean()), 4) for k, v in cat.items()}, seconds[name])
     terms = ers_terms(raw)
-    out = {"raw": raw, "seconds": seconds, "terms": terms, "ERS": None,
+    out = {"raw": raw, "seconds": seconds, "terms": terms,
+           "terms_se": {k: standard_error(v) for k, v in per_query.items()},
+           "ERS": None, "ERS_se": None, "queries": int(len(xq)),
            "ERS_lite": float(sum(terms.values()) / len(terms)) if terms else None}
     if all(k in raw for k in ERS_TERMS):
         out["ERS"] = ers(raw)
+        # Every attack ran on the same queries, so a query's mean of its ten terms is its share of the ERS: the
+        # ERS is their mean, and its standard error counts the correlation between terms.
+        out["ERS_se"] = standard_error(torch.stack([per_query[k] for k in ERS_TERMS]).mean(dim=0))
     return out
 
 

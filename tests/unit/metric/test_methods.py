@@ -103,4 +103,5 @@ def test_train_then_evaluate_an_embedder(tmp_path):
     assert saved["queries"] == 6 and saved["gallery"] == 10000 and saved["profile"]["name"] == "rob28"
     assert set(saved["attacks"]) == {"CA+", "CA-", "QA+", "QA-", "TMA", "ES:D", "ES:R", "LTM", "GTM", "GTT"}
     assert 0 <= saved["ERS"] <= 100 and 0 < saved["benign"]["R@1"] <= 100
+    assert set(saved["terms_se"]) == set(saved["attacks"]) and saved["ERS_se"] >= 0
     assert "ERS" in report["table"] and (out / "ers_terms.png").is_file()
