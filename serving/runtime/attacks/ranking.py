@@ -43,6 +43,9 @@ Where this departs from robrank, and why (each departure is at most 1/N of a ter
 - The pair draws use a seeded ``torch.Generator`` in row order, not numpy's global RNG: same distributions,
   other draws.
 - The measurements (:func:`serving.runtime.evaluation.retrieval.measure`) follow robrank's, see there.
+
+Not here: robrank's SP-QA (QA plus a weighted QA+ term keeping the clean top-5 in place, ``SPQA`` in
+``AdvRank.attack``) and its full-order attacks (FOA); neither is in the rob28/rob224 suites behind the ERS.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 each term's standard error.
 
 A query set is attacked against a fixed gallery of clean embeddings; a query that is itself a gallery item (its
-``self_idx``) never retrieves itself. Offline evaluation attacks test images against the whole test set; a probe
+``self_idx``) never retrieves itself in the Recall@1 and retain@4 measures, while the CA/QA percentiles rank
+against the whole gallery, own item included, as robrank does. Offline evaluation attacks test images against the whole test set; a probe
 attacks its held-out probe set against the archive's gallery.
 
 The measurements follow robrank's ``AdvRank.eval_advrank`` on the adversarial batch, the ERS terms
@@ -11,6 +12,8 @@ The measurements follow robrank's ``AdvRank.eval_advrank`` on the adversarial ba
 - R@1 after ES/LTM/GTM and GTT's retain@4 leave out the row's own gallery item by its index; robrank leaves out
   the item nearest to the clean embedding, which is the same item whenever the query is in the gallery (and
   the query's clean embedding is not duplicated), and an arbitrary one for a query outside the gallery.
+- ES:D is the shift of the returned adversarial image's embedding; robrank's ``embshift`` reuses the embedding
+  its PGD loop computed before the last step, an image it does not return.
 - Every figure is a mean over queries; robrank averages per-batch means, which weights a short last batch
   more. Per-query means are what the standard errors describe.
 """
