@@ -136,6 +136,44 @@ def test_attack_moves_the_ranking_as_worked_out(name, key, before, after):
     assert float(measure(name, model(x_adv), t)[key]) == pytest.approx(after, abs=1e-4)
 
 
+@pytest.mark.parametrize("name, key, pair, before, after", [
+    # CA+: the candidate (item 0) reaches its maximum only within 2.5 deg of the query at 90 deg, where only
+    # the query itself is nearer to the query: 6 of 7 items come first before, 1 after.
+    ("CA+", "prank", 6, 100 * 6 / 7, 100 * 1 / 7),
+    # CA-: the query is the candidate's nearest item (20 deg); the maximum needs the candidate more than
+    # 70 deg from it, beyond every item, so all 7 (its own clean item too) come first.
+    ("CA-", "prank", 1, 100 * 1 / 7, 100.0),
+    # QA+ with the 20 deg candidate: before it comes only the query's own item (0 deg); the maximum needs the
+    # query nearer to 20 deg than to 0 and to 70 deg (between 10 and 45 deg), where nothing comes first.
+    # (Towards a candidate at 90 deg the four items between pull back: sign PGD stalls at 55 deg, a local
+    # maximum of robrank's objective.)
+    ("QA+", "prank", 1, 100 * 1 / 7, 0.0),
+])
+def test_pair_attack_moves_the_ranking_as_worked_out(name, key, pair, before, after):
+    model = Direction()
+    x = torch.tensor([[[[1.0, 0.5]]]])
+    t = select_targets(name, G2[[0]], torch.tensor([0]), Y2[:1], G2, Y2, torch.Generator().manual_seed(0))
+    t.target = torch.tensor([pair])  # the uniform draws fixed to one pair
+    assert float(measure(name, model(x), t)[key]) == pytest.approx(before, abs=1e-4)
+    x_adv = rank_attack(model, name, x, t, LpBall("linf", eps=1.0, step=0.01), steps=200)
+    assert float(measure(name, model(x_adv), t)[key]) == pytest.approx(after, abs=1e-4)
+
+
+def test_tma_and_es_reach_what_the_geometry_allows():
+    model = Direction()
+    x = torch.tensor([[[[1.0, 0.5]]]])
+    ball = LpBall("linf", eps=1.0, step=0.01)
+    t = select_targets("TMA", G2[[0]], torch.tensor([0]), Y2[:1], G2, Y2, torch.Generator().manual_seed(0))
+    t.target = torch.tensor([6])
+    # TMA: from cosine 0 with the 90 deg target to (nearly) 1
+    assert float(measure("TMA", model(x), t)["cos"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(measure("TMA", model(rank_attack(model, "TMA", x, t, ball, steps=200)), t)["cos"]) > 0.999
+    # ES: the farthest point from 0 deg is 180 deg (shift 2), where the nearest other item is class 1 (90 deg)
+    t = select_targets("ES", G2[[0]], torch.tensor([0]), Y2[:1], G2, Y2)
+    m = measure("ES", model(rank_attack(model, "ES", x, t, ball, steps=200)), t)
+    assert float(m["shift"]) > 1.99 and float(m["r1"]) == 0.0
+
+
 def test_ers_terms_follow_robranks_normalisation_unclipped():
     raw = {"CA+": 60.0, "CA-": 10.0, "QA+": 5.0, "QA-": 20.0, "TMA": -0.5, "ES:D": 0.4, "ES:R": 30.0,
            "LTM": 40.0, "GTM": 50.0, "GTT": 70.0}
