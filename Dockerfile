@@ -11,8 +11,9 @@
 # Token authorization stays on: the keys are in /srv/robustserve/key_file.json inside the container
 # (docker exec <container> cat /srv/robustserve/key_file.json); send "Authorization: Bearer <inference key>".
 # Robustness probes need the probe key as well (X-Probe-Key), in /srv/robustserve/probe_key.json; their history is
-# kept in /srv/robustserve/probes. The monitor runs as a second process or container:
-#   python3 -m serving.cli monitor --set server.workdir=/srv/robustserve ...  (probe, gate likewise)
+# kept in /srv/robustserve/probes. The monitor runs as a second process or container sharing /srv/robustserve (it
+# finds the server over HTTP with the addresses and keys written there, in its own PID namespace too):
+#   python3 -m serving.cli monitor --set workdir=/srv/robustserve ...  (probe, status, health likewise)
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
@@ -71,8 +72,8 @@ VOLUME ["/models"]
 EXPOSE 8080 8082 7070
 
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
-  CMD ["python3", "-m", "serving.serve", "health", "--config", "/etc/robustserve/serve.yaml"]
+  CMD ["python3", "-m", "serving.cli", "health", "--config", "/etc/robustserve/serve.yaml"]
 
 # The launcher stays in the foreground and stops TorchServe (and waits for it) on SIGTERM.
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["python3", "-m", "serving.serve", "run", "--config", "/etc/robustserve/serve.yaml"]
+ENTRYPOINT ["python3", "-m", "serving.cli", "serve", "--foreground", "--config", "/etc/robustserve/serve.yaml"]

@@ -6,11 +6,16 @@ import argparse
 import json
 import logging
 import sys
-from typing import Callable, Optional, Sequence
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
+import yaml
 from pydantic import BaseModel
 
-from serving.configio import ConfigError, dump_config, load_config
+from serving.client import workdir_args
+from serving.configio import ConfigError, defaults_of, dump_config, load_config
 
 log = logging.getLogger("robustserve")
 
@@ -82,29 +87,13 @@ def _run_evaluate(cfg) -> int:
 
     report = evaluate(cfg)
     print(report["table"])
-    print(f"sanity flags: {json.dumps({k: v['flag'] for k, v in report.get('sanity', {}).items() if isinstance(v, dict)})}")
+    from serving.runtime.evaluation.classification import flag_summary
+
+    print(f"sanity flags: {json.dumps(flag_summary(report.get('sanity', {})))}")
     print(f"report: {report['files']['report']}\nplot: {report['files']['plot']}")
     return 0
 
 
-def _serving_errors(command: str):
-    """Serving commands report failures of the tools they drive (archiver, server start-up) as errors, not
-    tracebacks."""
-
-    def deco(fn):
-        def run(cfg) -> int:
-            try:
-                return fn(cfg)
-            except (FileExistsError, RuntimeError, TimeoutError) as e:
-                print(f"robustserve {command}: error: {e}", file=sys.stderr)
-                return 1
-
-        return run
-
-    return deco
-
-
-@_serving_errors("export")
 def _run_export(cfg) -> int:
     from serving.export import export, summary
 
@@ -118,7 +107,6 @@ def _run_export(cfg) -> int:
     return 0
 
 
-@_serving_errors("archive")
 def _run_archive(cfg) -> int:
     from serving.archive import archive
 
@@ -126,10 +114,11 @@ def _run_archive(cfg) -> int:
     return 0
 
 
-@_serving_errors("serve")
-def _run_serve(cfg) -> int:
-    from serving.serve import describe_access, start, status
+def _run_serve(cfg, foreground: bool = False) -> int:
+    from serving.serve import describe_access, run_foreground, start, status
 
+    if foreground:
+        return run_foreground(cfg)
     inst = start(cfg)
     st = status(cfg)
     print(f"TorchServe is running (pid {st.get('pid')}), work folder {inst.work}")
@@ -137,19 +126,33 @@ def _run_serve(cfg) -> int:
         ready = sum(w["status"] == "READY" for w in m.get("workers", []))
         print(f"  {name}: {ready}/{len(m.get('workers', []))} workers ready, batch {m.get('batch_size')}")
     print(describe_access(inst))
-    print("stop it with: robustserve stop" + (f" --set workdir={cfg.workdir}" if cfg.workdir != "runs/serve" else ""))
+    print(f"stop it with: robustserve stop{workdir_args(inst.work)}")
     return 0
 
 
-@_serving_errors("stop")
 def _run_stop(cfg) -> int:
+    from serving.client import Instance
     from serving.serve import stop
 
-    print("TorchServe stopped" if stop(cfg) else f"no TorchServe running from {cfg.workdir}")
+    inst = Instance(cfg)
+    if inst.pid() is None and inst.answers():
+        # Found over HTTP but not as a process here: it runs in another PID namespace (container). Leave its
+        # files alone: they are how its own namespace stops it.
+        print(f"robustserve stop: error: the TorchServe of {inst.work} answers but its process is not visible "
+              f"from here; stop it where it runs (its container)", file=sys.stderr)
+        return 1
+    print("TorchServe stopped" if stop(cfg) else f"no TorchServe running from {inst.work}")
     return 0
 
 
-@_serving_errors("status")
+def _run_health(cfg) -> int:
+    from serving.serve import healthy
+
+    ok = healthy(cfg)
+    print("healthy" if ok else "not healthy (not running, a model without a READY worker, or /ping failing)")
+    return 0 if ok else 1
+
+
 def _run_status(cfg) -> int:
     from serving.serve import status
 
@@ -157,7 +160,8 @@ def _run_status(cfg) -> int:
     if not st["running"]:
         print(f"TorchServe is not running (work folder {st['workdir']})")
         return 3
-    print(f"TorchServe running, pid {st['pid']}, work folder {st['workdir']}")
+    where = f"pid {st['pid']}" if st["pid"] is not None else "found over HTTP"
+    print(f"TorchServe running, {where}, work folder {st['workdir']}")
     if "error" in st:
         print(f"  cannot list models: {st['error']}")
         return 1
@@ -168,7 +172,6 @@ def _run_status(cfg) -> int:
     return 0 if st["models"] and all(m.get("ready") for m in st["models"].values()) else 1
 
 
-@_serving_errors("probe")
 def _run_probe(cfg) -> int:
     from serving.probe import ProbeFailed, run
 
@@ -179,14 +182,12 @@ def _run_probe(cfg) -> int:
         return 1
 
 
-@_serving_errors("monitor")
 def _run_monitor(cfg) -> int:
     from serving.monitor import run
 
     return run(cfg)
 
 
-@_serving_errors("gate")
 def _run_gate(cfg) -> int:
     from serving.gate import run
 
@@ -199,22 +200,52 @@ def _run_demo(cfg) -> int:
     return run_demo(cfg)
 
 
-# name -> (help, config root factory, runner)
-COMMANDS: dict[str, tuple[str, Callable[[], type], Callable[[BaseModel], int]]] = {
-    "train": ("train a model with a registered method", _train_root, _run_train),
-    "evaluate": ("evaluate a checkpoint clean and under the attack suite", _evaluate_root, _run_evaluate),
-    "export": ("export a checkpoint to TorchScript and ONNX, checked for parity", _export_root, _run_export),
-    "archive": ("build a TorchServe .mar from an export folder", _archive_root, _run_archive),
-    "serve": ("start TorchServe on the model store (loopback, token auth)", _serve_root, _run_serve),
-    "stop": ("stop the TorchServe started by serve, and wait until it is gone", _serve_root, _run_stop),
-    "status": ("report each served model's workers and readiness", _serve_root, _run_status),
-    "probe": ("run one robustness probe of a served model (model=...) or of an archive (archive=...)", _probe_root,
-              _run_probe),
-    "monitor": ("probe served models on a schedule; metrics, SLO, alert and readiness on loopback", _monitor_root,
-                _run_monitor),
-    "gate": ("compare two archives' probes and refuse promotion when robustness drops", _gate_root, _run_gate),
-    "demo": ("the main job on the embedded default (Fashion-MNIST)", _demo_root, _run_demo),
+@dataclass(frozen=True)
+class Command:
+    help: str
+    root: Callable[[], type]  # the config root's factory (imports stay lazy)
+    runner: Callable[..., int]
+    example: str  # one real invocation, shown in the subcommand's --help and checked by a test
+    must_exist: tuple[str, ...] = ()  # dotted keys naming files or folders that must be there (None: not set)
+    help_keys: Optional[tuple[str, ...]] = None  # the keys --help lists; None: all
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("train a model with a registered method", _train_root, _run_train,
+                     "robustserve train --set method.name=pgd-at --set epochs=5 --set out_dir=runs/pgd-at",
+                     ("data.root",)),
+    "evaluate": Command("evaluate a checkpoint clean and under the attack suite", _evaluate_root, _run_evaluate,
+                        "robustserve evaluate --set checkpoint=runs/pgd-at/model.pt --set eps=0.1 "
+                        "--set 'attacks=[{name: pgd}]'", ("checkpoint", "data.root")),
+    "export": Command("export a checkpoint to TorchScript and ONNX, checked for parity", _export_root, _run_export,
+                      "robustserve export --set checkpoint=runs/pgd-at/model.pt", ("checkpoint", "data_root")),
+    "archive": Command("build a TorchServe .mar from an export folder", _archive_root, _run_archive,
+                       "robustserve archive --set export_dir=runs/pgd-at/export --set name=clf", ("export_dir",)),
+    "serve": Command("start TorchServe on the model store (loopback, token auth); --foreground: stay and stop it "
+                     "on SIGTERM (a container's main process)", _serve_root, _run_serve,
+                     "robustserve serve --set 'models=[clf]' --set ports.inference=8090", ("model_store",)),
+    "stop": Command("stop the TorchServe of a work folder, and wait until it is gone", _serve_root, _run_stop,
+                    "robustserve stop --set workdir=runs/serve", help_keys=("workdir", "stop_timeout_s")),
+    "status": Command("report each served model's workers and readiness (exit 0: all ready, 1: not all, "
+                      "3: not running)", _serve_root, _run_status, "robustserve status --set workdir=runs/serve",
+                      help_keys=("workdir",)),
+    "health": Command("exit 0 when every model has a READY worker and /ping answers (a container health check)",
+                      _serve_root, _run_health, "robustserve health --set workdir=/srv/robustserve",
+                      help_keys=("workdir",)),
+    "probe": Command("run one robustness probe of a served model (model=...) or of an archive (archive=...)",
+                     _probe_root, _run_probe, "robustserve probe --set model=clf --set 'probe.eps=[0.05, 0.1]'",
+                     ("archive",)),
+    "monitor": Command("probe served models on a schedule; metrics, SLO, alert and readiness on loopback",
+                       _monitor_root, _run_monitor,
+                       "robustserve monitor --set workdir=runs/serve --set floor=0.4 --set interval_s=300"),
+    "gate": Command("compare two archives' probes and refuse promotion when robustness drops", _gate_root, _run_gate,
+                    "robustserve gate --set baseline=model_store/clf.mar --set candidate=runs/v2/clf.mar",
+                    ("baseline", "candidate")),
+    "demo": Command("the main job on the embedded default (Fashion-MNIST)", _demo_root, _run_demo,
+                    "robustserve demo --set out_dir=runs/demo"),
 }
+# Keys read from the work folder rather than from the config, for commands that find a running server.
+SERVER_COMMANDS = ("stop", "status", "health")
 
 
 def _bench_entry(module: str, root: str, runner: str):
@@ -240,24 +271,147 @@ BENCHES: dict[str, tuple[str, Callable[[], tuple[type, Callable[[BaseModel], int
 }
 
 
-def _add_config_args(sp: argparse.ArgumentParser) -> None:
+def _add_config_args(sp: argparse.ArgumentParser, example_key: str) -> None:
     sp.add_argument("--config", metavar="FILE", help="YAML config (unknown keys are rejected)")
     sp.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                    help="override one key, dotted (e.g. --set optim.lr=0.01); repeatable")
-    sp.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+                    help=f"override one key, dotted (e.g. --set {example_key}); repeatable; a scalar for a list key "
+                         f"is a one-element list")
+    sp.add_argument("--dry-run", action="store_true",
+                    help="check the config (keys, values, device, files that must exist), print it and exit")
+
+
+def _leaves(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(data, dict) and data:
+        out = []
+        for k, v in data.items():
+            out += _leaves(v, f"{prefix}{k}.")
+        return out
+    return [(prefix[:-1], data)]
+
+
+def keys_help(root: type, only: Optional[Sequence[str]] = None) -> str:
+    """Every key of a command's config (or those in ``only``) with its default, one per line, nested keys
+    dotted."""
+    width = 0
+    rows = []
+    for key, value in _leaves(defaults_of(root)):
+        if only is not None and key not in only:
+            continue
+        shown = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+        shown = shown[:-4].rstrip() if shown.endswith("\n...") else shown.removesuffix("...").strip()
+        rows.append((key, shown))
+        width = max(width, len(key))
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def _example_key(example: str) -> str:
+    try:
+        return example.split("--set ", 1)[1].split(" --", 1)[0].strip("'")
+    except IndexError:
+        return "key=value"
+
+
+class _LazyHelpParser(argparse.ArgumentParser):
+    """A subcommand parser whose epilog (the keys and their defaults) is built only when --help is asked for:
+    building it imports the command's config root, which may import torch."""
+
+    def __init__(self, *args, command: Optional[Command] = None, **kw):
+        super().__init__(*args, **kw)
+        self._command = command
+
+    def format_help(self) -> str:
+        cmd = self._command
+        if cmd is not None and self.epilog is None:
+            self.epilog = f"keys (default):\n{keys_help(cmd.root(), cmd.help_keys)}\n\nexample:\n  {cmd.example}"
+        return super().format_help()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="robustserve", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
-    for name, (help_, _, _) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_, description=help_)
-        _add_config_args(sp)
-    bench = sub.add_parser("bench", help="run a benchmark suite (a long job) and record it in BENCHMARKS.md")
+    p = argparse.ArgumentParser(prog="robustserve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_LazyHelpParser)
+    for name, cmd in COMMANDS.items():
+        description = cmd.help
+        if name in SERVER_COMMANDS:
+            description += (". The server is found from its work folder (workdir): addresses and keys are read "
+                            "there; serve's other keys are accepted, so that serve's --config file works here too.")
+        sp = sub.add_parser(name, help=cmd.help, description=textwrap.fill(description, 100), command=cmd,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name == "serve":
+            sp.add_argument("--foreground", action="store_true",
+                            help="stay in the foreground and stop the server on SIGTERM/SIGINT (container entry point)")
+        _add_config_args(sp, _example_key(cmd.example))
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging, and tracebacks on errors")
+    bench = sub.add_parser("bench", help="run a benchmark suite (a long job) and record it in BENCHMARKS.md",
+                           description="run a benchmark suite (a long job) and record it in BENCHMARKS.md; "
+                                       "--dry-run lists a suite's keys",
+                           epilog="example:\n  robustserve bench robust-classifiers --dry-run",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("suite", choices=sorted(BENCHES), help="; ".join(f"{k}: {v[0]}" for k, v in BENCHES.items()))
-    _add_config_args(bench)
+    _add_config_args(bench, "seed=1")
     return p
+
+
+def _at(cfg: BaseModel, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node
+
+
+def preflight(command: str, cfg: BaseModel) -> None:
+    """What can be checked before any work: device names and their presence here, and the files and folders the
+    command reads. Raises ConfigError with a message saying what to do."""
+    devices = [(k, v) for k, v in _leaves(cfg.model_dump(mode="json")) if k.rsplit(".", 1)[-1] == "device"]
+    for key, name in devices:
+        if isinstance(name, str):
+            _check_device(key, name)
+    cmd = COMMANDS.get(command)
+    for key in (cmd.must_exist if cmd else ()):
+        value = _at(cfg, key)
+        if value is not None and not Path(str(value)).exists():
+            raise ConfigError(f"{key}: {value} does not exist")
+    if command in ("evaluate", "export"):
+        from training.checkpoint import checkpoint_problem
+
+        problem = checkpoint_problem(cfg.checkpoint)
+        if problem:
+            raise ConfigError(f"checkpoint: {problem}")
+
+
+def _check_device(key: str, name: str) -> None:
+    if name == "auto":
+        return
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{key}: {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{key}: {name!r} asked for, but CUDA is not available here; use --set {key}=cpu "
+                              f"(or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{key}: {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "mps"):
+        raise ConfigError(f"{key}: {name!r}: only cpu and cuda devices are supported")
+
+
+# Errors that are the user's to fix: their message is the whole story. Anything else is a fault of ours: one
+# line and a pointer to -v.
+USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError, ValueError, RuntimeError, TimeoutError, ConnectionError)
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    more = " (more with -v)" if len(lines) > 1 else ""
+    return lines[0] + more
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -266,23 +420,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # faiss logs its failed SIMD-variant imports at INFO before falling back: noise, not news.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    name = args.command
     try:
-        if args.command == "bench":
+        if name == "bench":
             root_cls, runner = BENCHES[args.suite][1]()
         else:
-            _, root, runner = COMMANDS[args.command]
-            root_cls = root()
+            runner, root_cls = COMMANDS[name].runner, COMMANDS[name].root()
         cfg = load_config(root_cls, args.config, args.overrides)
+        preflight(name, cfg)
     except ConfigError as e:
-        print(f"robustserve {args.command}: {e}", file=sys.stderr)
+        print(f"robustserve {name}: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
     try:
-        return runner(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"robustserve {args.command}: error: {e}", file=sys.stderr)
+        return runner(cfg, foreground=True) if getattr(args, "foreground", False) else runner(cfg)
+    except KeyboardInterrupt:
+        hint = "; the same command resumes from the last checkpoint" if name == "train" else ""
+        print(f"robustserve {name}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.verbose:
+            raise
+        if isinstance(e, USER_ERRORS):
+            msg = "\n".join(str(e).strip().splitlines()) if isinstance(e, ConfigError) else _one_line(e)
+            print(f"robustserve {name}: error: {msg}", file=sys.stderr)
+        else:
+            print(f"robustserve {name}: error: {type(e).__name__}: {_one_line(e)} (a fault of robustserve, not of "
+                  f"your input: run with -v for the traceback and report it)", file=sys.stderr)
         return 1
 
 

@@ -1,14 +1,181 @@
-"""A small HTTP client for a running robustserve TorchServe: the token from the instance's key file, one
-keep-alive connection per client (use one client per thread)."""
+"""Reaching a running robustserve TorchServe from what its work folder holds: the addresses from the
+``config.properties`` that ``robustserve serve`` wrote there, the keys from ``key_file.json`` (inference and
+management) and ``probe_key.json``. Every command that talks to a server (status, stop, health, probe, monitor)
+goes through :class:`Instance`, so addresses and keys are read in one place.
+
+Discovery is over HTTP: a server counts as running when its inference listener answers ``/ping`` with the key
+from the work folder. The pid file is used only to stop it, so a sidecar in another PID namespace (another
+container of the pod, sharing the work folder and the network) finds the server too.
+
+:class:`Client` keeps one keep-alive connection per listener (use one client per thread).
+"""
 from __future__ import annotations
 
 import http.client
 import json
+import os
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
-from serving.serve import Instance
+KEY_FILE = "key_file.json"
+PROBE_KEY_FILE = "probe_key.json"
+PROBE_DIR = "probes"
+PID_FILE = ".model_server.pid"
+PROPERTIES_FILE = "config.properties"
+DEFAULT_WORKDIR = "runs/serve"
+# TorchServe's own defaults, for a work folder whose config.properties is not written yet.
+DEFAULT_ADDRESSES = {"inference": "http://127.0.0.1:8080", "management": "http://127.0.0.1:8081",
+                     "metrics": "http://127.0.0.1:8082"}
+APIS = tuple(DEFAULT_ADDRESSES)
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """A Java properties file's ``key=value`` lines (the subset ``robustserve serve`` writes); {} when absent."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line[0] in "#!" or "=" not in line:
+            continue
+        k, v = line.split("=", 1)
+        out[k.strip()] = v.strip().replace("\\\\", "\\")
+    return out
+
+
+def reachable_url(address: str) -> str:
+    """A listener's address as this machine reaches it: a wildcard host (0.0.0.0, ::) through loopback."""
+    parts = urlsplit(address)
+    host = parts.hostname or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme or 'http'}://{host}:{parts.port}"
+
+
+class Instance:
+    """One TorchServe instance, as its work folder describes it.
+
+    ``Instance(cfg)`` takes a :class:`serving.serve.ServeConfig` (``serve`` itself, before the folder is written);
+    ``Instance.at(workdir)`` only the folder. Either way addresses and keys are read from the folder's files
+    when they are there: the folder is the truth about the server that runs from it.
+    """
+
+    def __init__(self, cfg: Any = None, workdir: Optional[str | Path] = None):
+        self.cfg = cfg
+        self.work = Path(workdir if workdir is not None else getattr(cfg, "workdir", DEFAULT_WORKDIR)).resolve()
+        self.tmp = self.work / "tmp"
+        self.logs = self.work / "logs"
+        self.key_file = self.work / KEY_FILE
+        self.probe_key_file = self.work / PROBE_KEY_FILE
+        self.probe_dir = self.work / PROBE_DIR
+        self.pid_file = self.tmp / PID_FILE
+        self.properties_file = self.work / PROPERTIES_FILE
+
+    @classmethod
+    def at(cls, workdir: str | Path) -> "Instance":
+        return cls(None, workdir)
+
+    # --- what the folder holds ---------------------------------------------------------------------------------
+
+    def properties(self) -> dict[str, str]:
+        return read_properties(self.properties_file)
+
+    def address(self, api: str) -> str:
+        """The listener address as configured (``http://host:port``, host possibly a wildcard)."""
+        if api not in APIS:
+            raise ValueError(f"api must be one of {APIS}, got {api!r}")
+        written = self.properties().get(f"{api}_address")
+        if written:
+            return written
+        if self.cfg is not None:
+            from serving.serve import listen_address
+
+            return listen_address(self.cfg, api)
+        return DEFAULT_ADDRESSES[api]
+
+    def url(self, api: str) -> str:
+        """Where this machine reaches the ``inference``, ``management`` or ``metrics`` listener."""
+        return reachable_url(self.address(api))
+
+    def keys(self) -> dict[str, str]:
+        """{"inference": key, "management": key} or {} when token auth is off or the file is not there yet.
+        The one place keys are read: everything that sends one calls this (or :meth:`headers`)."""
+        try:
+            data = json.loads(self.key_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {k: data[k]["key"] for k in ("inference", "management") if isinstance(data.get(k), dict)}
+
+    def probe_key(self) -> Optional[str]:
+        try:
+            return json.loads(self.probe_key_file.read_text())["key"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def headers(self, api: str) -> dict[str, str]:
+        key = self.keys().get(api)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def pid(self) -> Optional[int]:
+        """The frontend's pid when it is alive and visible from here (same PID namespace), else None."""
+        try:
+            pid = int(self.pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if is_torchserve(pid) else None
+
+    # --- over HTTP ---------------------------------------------------------------------------------------------
+
+    def get(self, api: str, path: str, timeout: float = 5.0) -> tuple[int, Any]:
+        req = urllib.request.Request(self.url(api) + path, headers=self.headers(api))
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                body = r.read()
+                status = r.status
+        except urllib.error.HTTPError as e:
+            body, status = e.read(), e.code
+        try:
+            return status, json.loads(body or b"null")
+        except ValueError:
+            return status, body.decode("utf-8", "replace")
+
+    def answers(self, timeout: float = 5.0) -> bool:
+        """The server of this folder answers: ``/ping`` on its inference listener, with the folder's key, is 200.
+        Another server on the same port answers 400 to a key it did not issue."""
+        if not self.properties_file.is_file():
+            return False
+        try:
+            code, _ = self.get("inference", "/ping", timeout)
+        except OSError:  # not listening (yet), or gone
+            return False
+        return code == 200
+
+
+def workdir_args(work: str | Path) -> str:
+    """`` --set workdir=<folder>`` for a hint a user pastes; empty for the default folder seen from here."""
+    import shlex
+
+    work = Path(work).resolve()
+    return "" if work == Path(DEFAULT_WORKDIR).resolve() else f" --set workdir={shlex.quote(str(work))}"
+
+
+def is_torchserve(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True  # no /proc (macOS): trust the pid file
+    return b"org.pytorch.serve.ModelServer" in cmdline
 
 
 @dataclass

@@ -83,21 +83,82 @@ def load_config(model: Type[T], path: str | Path | None = None, overrides: Itera
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            raise ConfigError(f"{p} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping, got {type(loaded).__name__}")
         data = merge(defaults_of(model), loaded)
     else:
         data = defaults_of(model)
-    data = apply_overrides(data, overrides)
+    data = _scalars_to_lists(model, apply_overrides(data, overrides))
     try:
         return model.model_validate(data)
     except ValidationError as e:
         lines = [f"invalid {model.__name__}:"]
         for err in e.errors():
             loc = ".".join(str(x) for x in err["loc"]) or "<root>"
-            lines.append(f"  {loc}: {err['msg']}")
+            lines.append(f"  {loc}: {err['msg']}{_key_hint(model, err)}")
         raise ConfigError("\n".join(lines)) from None
+
+
+def _scalars_to_lists(model: Type[BaseModel], data: Any) -> Any:
+    """A single value written for a key the model declares as a tuple or list (``Optional`` ones too, whose
+    default None gives :func:`apply_overrides` no list to go by) becomes a one-element list."""
+    import typing
+
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for name, field in model.model_fields.items():
+        if name not in out:
+            continue
+        value = out[name]
+        kinds = [field.annotation, *typing.get_args(field.annotation)]
+        if any(typing.get_origin(k) in (tuple, list) for k in kinds):
+            if value is not None and not isinstance(value, (list, tuple)):
+                out[name] = [value]  # a mapping too: one attack written as {name: fgsm}
+            continue
+        sub = _model_of(field.annotation)
+        if isinstance(value, dict) and sub is not None:
+            out[name] = _scalars_to_lists(sub, value)
+    return out
+
+
+def _key_hint(model: Type[BaseModel], err: dict) -> str:
+    """For an unknown key: the closest valid key and the valid keys at that level."""
+    if err.get("type") != "extra_forbidden":
+        return ""
+    import difflib
+
+    node: Any = model
+    for part in err["loc"][:-1]:
+        field = node.model_fields.get(part) if isinstance(node, type) and issubclass(node, BaseModel) else None
+        node = _model_of(field.annotation) if field is not None else None
+        if node is None:
+            return ""
+    valid = list(node.model_fields)
+    close = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1)
+    if not close and str(err["loc"][-1]) == "server":
+        close = ["workdir"] if "workdir" in valid else []
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{hint or ';'} valid keys here: {', '.join(valid)}"
+
+
+def _model_of(annotation: Any) -> Any:
+    """The pydantic model inside an annotation (``M``, ``Optional[M]``), or None."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def dump_config(cfg: BaseModel) -> str:

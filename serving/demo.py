@@ -124,7 +124,9 @@ def run_demo(cfg: DemoConfig) -> int:
         report = evaluate(ev)
         print(report["table"])
         if report.get("sanity"):
-            flags = {k: v["flag"] for k, v in report["sanity"].items() if isinstance(v, dict)}
+            from serving.runtime.evaluation.classification import flag_summary
+
+            flags = flag_summary(report["sanity"])
             print(f"gradient-masking flags (True = suspicious): {json.dumps(flags)}")
         _stage(f"{role}: export TorchScript + ONNX with parity checks")
         exports[role] = export(ExportConfig(checkpoint=str(ckpt), name=names[role], num_threads=cfg.num_threads))

@@ -59,6 +59,12 @@ def gate(cfg: GateConfig) -> dict[str, Any]:
     if cfg.baseline is None or cfg.candidate is None:
         raise ValueError("name both archives: --set baseline=<.mar or export folder> --set candidate=<...>")
     with opened_archive(cfg.baseline) as rb, opened_archive(cfg.candidate) as rc:
+        from serving.runtime.artifacts import load_manifest
+
+        tasks = load_manifest(rb).model.task, load_manifest(rc).model.task
+        if tasks[0] != tasks[1]:
+            raise ValueError(f"the baseline {cfg.baseline} is a {tasks[0]} model and the candidate {cfg.candidate} "
+                             f"a {tasks[1]} model: a gate compares two models of one task")
         base_svc, cand_svc = load_archive_service(rb), load_archive_service(rc)
         if base_svc.probes is None:
             raise ValueError(f"{cfg.baseline} holds no probe set to compare on")

@@ -1,6 +1,8 @@
 """``robustserve monitor``: robustness probes of served models on a schedule, with metrics, an SLO and an alert.
 
-Every ``interval_s`` each model is probed inside the server (as ``robustserve probe model=...`` does). Its
+Every ``interval_s`` each model is probed inside the server (as ``robustserve probe model=...`` does). The
+server is found over HTTP from its work folder (``workdir``: addresses and keys), so the monitor also runs as a
+sidecar in another container; while the server does not answer, it looks again every ``retry_s``. A model's
 headline figure (worst-case robust accuracy at the smallest eps for a classifier, Recall@1 under the
 embedding-shift attack for a retrieval model) is held against the model's floor: below it ``alert_after``
 probes in a row, the model's alert is raised; one probe back at or above the floor clears it. A probe that
@@ -9,8 +11,8 @@ were.
 
 The monitor listens on loopback (``host``/``port``) with prometheus-client's registry:
 - ``/metrics``: the ``robustserve_monitor_*`` metrics (see ``deploy/monitoring/`` for the dashboard and rules);
-- ``/ready``: 200 while every model has a successful probe and no alert, else 503, with a JSON body saying why: a
-  robustness-aware readiness signal (a Kubernetes ``readinessProbe`` ``httpGet`` on it);
+- ``/ready``: 200 while the server answers and every model has a successful probe and no alert, else 503, with a
+  JSON body saying why: a robustness-aware readiness signal (a Kubernetes ``readinessProbe`` on it);
 - ``/healthz``: 200 while the monitor runs; ``/status``: the state as JSON.
 Each probe's report and the SLO state after it are appended to ``history`` (crash-safe JSON lines).
 """
@@ -33,7 +35,8 @@ from serving.probe import ProbeFailed, ProbeParams, probe_served
 from serving.runtime.probing.history import ProbeHistory
 from serving.runtime.probing.metrics import PROBE_METRICS, report_samples
 from serving.runtime.spec import Frozen
-from serving.serve import Instance, ServeConfig, is_loopback, status
+from serving.client import DEFAULT_WORKDIR, Instance, workdir_args
+from serving.serve import is_loopback, status
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ RENAME = {"duration_seconds": "probe_duration_seconds", "runs_total": "probes_to
 
 
 class MonitorConfig(Frozen):
-    server: ServeConfig = ServeConfig()
+    workdir: str = DEFAULT_WORKDIR  # the server's work folder (addresses and keys are read there)
     models: tuple[str, ...] = ()  # empty: every model the server serves
     interval_s: float = Field(600.0, gt=0)
     floor: float = Field(0.5, ge=0.0, le=1.0)  # worst-case robust accuracy, or Recall@1 under attack
@@ -53,9 +56,10 @@ class MonitorConfig(Frozen):
     host: str = "127.0.0.1"
     port: int = Field(9108, ge=0, le=65535)  # 0: any free port (printed)
     allow_non_loopback: bool = False
-    history: Optional[str] = None  # None: <server.workdir>/monitor/history.jsonl
+    history: Optional[str] = None  # None: <workdir>/monitor/history.jsonl
     rounds: Optional[int] = Field(None, ge=1)  # stop after this many rounds; None: until SIGTERM/SIGINT
     wait_s: float = Field(900.0, gt=0)  # longest wait for one probe's report
+    retry_s: float = Field(10.0, gt=0)  # while the server does not answer: how often to look again
 
     @model_validator(mode="after")
     def _check(self):
@@ -81,11 +85,12 @@ def headline(report: dict) -> Optional[float]:
 class Monitor:
     def __init__(self, cfg: MonitorConfig):
         self.cfg = cfg
-        self.inst = Instance(cfg.server)
+        self.inst = Instance.at(cfg.workdir)
         self.registry = CollectorRegistry()
         self.history = ProbeHistory(Path(cfg.history) if cfg.history else
                                     self.inst.work / "monitor" / "history.jsonl")
         self._gauges: dict[str, Gauge] = {}
+        self._series: dict[str, set[tuple[str, tuple[str, ...]]]] = {}  # model -> its probe gauges' label values
         self._counter = Counter(PREFIX + "probes", "Probes by outcome: ok, failed, timeout, refused",
                                 ["model", "status"], registry=self.registry)
         for suffix, (kind, unit, labels) in PROBE_METRICS.items():
@@ -103,6 +108,9 @@ class Monitor:
                                 registry=self.registry)
         self.ready_g = Gauge(PREFIX + "ready", "1 when every monitored model meets its floor",
                              registry=self.registry)
+        self.up_g = Gauge(PREFIX + "server_up", "1 while the server of the work folder answers with its keys",
+                          registry=self.registry)
+        self.server_down: Optional[str] = None  # why the server is not reachable, None while it is
         self.state: dict[str, dict[str, Any]] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -111,13 +119,22 @@ class Monitor:
     def floor(self, model: str) -> float:
         return self.cfg.floors.get(model, self.cfg.floor)
 
-    def models(self) -> list[str]:
-        if self.cfg.models:
-            return list(self.cfg.models)
-        st = status(self.cfg.server)
-        if not st["running"]:
-            raise RuntimeError(f"no TorchServe runs from {st['workdir']}: start it with `robustserve serve`")
-        return sorted(st["models"])
+    def models(self) -> Optional[list[str]]:
+        """The models to probe this round; None while the server of the work folder does not answer."""
+        st = status(self.inst)
+        up = st["running"] and "error" not in st
+        self.up_g.set(1.0 if up else 0.0)
+        if not up:
+            why = st.get("error") or f"no TorchServe answers from {st['workdir']}"
+            if self.server_down != why:
+                log.warning("%s; looking again every %g s (start it with: robustserve serve%s)", why,
+                            self.cfg.retry_s, workdir_args(self.inst.work))
+            self.server_down = why
+            return None
+        if self.server_down is not None:
+            log.info("the server of %s answers again", self.inst.work)
+        self.server_down = None
+        return list(self.cfg.models) if self.cfg.models else sorted(st["models"])
 
     # --- one round ---------------------------------------------------------------------------------------------
 
@@ -148,9 +165,7 @@ class Monitor:
             self.interval_g.labels(model).set(self.cfg.interval_s)
             fig = headline(report) if outcome == "ok" else None
             if fig is not None:
-                for suffix, labels, value in report_samples(report):
-                    if suffix in self._gauges:
-                        self._gauges[suffix].labels(model, *labels.values()).set(value)
+                self._replace_series(model, report)
                 st["figure"] = fig
                 st["last_success"] = report.get("started_unix")
                 st["below"] = st["below"] + 1 if fig < self.floor(model) else 0
@@ -169,11 +184,31 @@ class Monitor:
         self.history.append({"model": model, "outcome": outcome, "floor": self.floor(model), "slo": slo,
                              "time": time.time(), "report": report})
 
-    def round(self) -> None:
-        for model in self.models():
+    def _replace_series(self, model: str, report: dict) -> None:
+        """The model's probe gauges become exactly this report's: a series an earlier probe set and this one does
+        not measure (another eps or attack, a check not made) is removed, not left with an old value."""
+        now = {}
+        for suffix, labels, value in report_samples(report):
+            if suffix in self._gauges:
+                now[(suffix, tuple(labels.values()))] = value
+        for suffix, labels in self._series.get(model, set()) - now.keys():
+            self._gauges[suffix].remove(model, *labels)
+        for (suffix, labels), value in now.items():
+            self._gauges[suffix].labels(model, *labels).set(value)
+        self._series[model] = set(now)
+
+    def round(self) -> bool:
+        """Probes every model once; False when the server did not answer (nothing was probed)."""
+        models = self.models()
+        with self.lock:
+            self.ready_g.set(1.0 if self._readiness()[0] else 0.0)
+        if models is None:
+            return False
+        for model in models:
             if self.stop.is_set():
-                return
+                break
             self.probe_model(model)
+        return True
 
     # --- readiness ---------------------------------------------------------------------------------------------
 
@@ -181,7 +216,9 @@ class Monitor:
         models = {}
         for model in (self.cfg.models or sorted(self.state)):
             st = self.state.get(model)
-            if st is None or st.get("figure") is None:
+            if self.server_down is not None:
+                models[model] = {"ready": False, "why": f"server not reachable: {self.server_down}"}
+            elif st is None or st.get("figure") is None:
                 models[model] = {"ready": False, "why": "no successful probe yet"}
             elif st["alert"]:
                 models[model] = {"ready": False, "why": f"robustness {st['figure']:.3f} below the floor "
@@ -206,7 +243,10 @@ class Monitor:
                     self._send(200, generate_latest(monitor.registry), CONTENT_TYPE_LATEST)
                 elif path == "/ready":
                     ready, models = monitor.readiness()
-                    self._json(200 if ready else 503, {"ready": ready, "models": models})
+                    doc = {"ready": ready, "models": models}
+                    if monitor.server_down is not None:
+                        doc["server"] = monitor.server_down
+                    self._json(200 if ready else 503, doc)
                 elif path == "/healthz":
                     self._json(200, {"alive": True})
                 elif path == "/status":
@@ -248,7 +288,12 @@ def run(cfg: MonitorConfig) -> int:
     rounds = 0
     try:
         while not mon.stop.is_set():
-            mon.round()
+            before = mon.server_down
+            if not mon.round():
+                if mon.server_down != before:
+                    print(f"waiting for the server: {mon.server_down}", flush=True)
+                mon.stop.wait(cfg.retry_s)
+                continue
             rounds += 1
             ready, models = mon.readiness()
             print(f"round {rounds}: " + ", ".join(

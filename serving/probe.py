@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 
 from serving.runtime.probing.params import ProbeRequest, ProbeSettings
 from serving.runtime.spec import Frozen
-from serving.serve import Instance, ServeConfig
+from serving.client import DEFAULT_WORKDIR, Instance
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class ProbeParams(Frozen):
 
 
 class ProbeCommand(Frozen):
-    server: ServeConfig = ServeConfig()  # where the served model runs (work folder, hosts, ports)
+    workdir: str = DEFAULT_WORKDIR  # the served model's server: its work folder (addresses and keys are read there)
     model: Optional[str] = None  # a served model's name
     archive: Optional[str] = None  # offline: a .mar or an export folder
     probe: ProbeParams = ProbeParams()
@@ -180,6 +180,8 @@ def probe_service(svc, params: ProbeParams, archive: str) -> dict:
 
 def summarize(report: dict) -> str:
     """A few lines a person reads: the headline figures of a report."""
+    from serving.runtime.evaluation.classification import flag_summary
+
     res = report.get("results") or {}
     cfg = report.get("config") or {}
     head = (f"probe {report.get('id')} of {report.get('model')}: {report.get('status')} in "
@@ -200,8 +202,7 @@ def summarize(report: dict) -> str:
             lines.append(f"  eps {row['eps']:g}: {cols}; worst case {100 * row['worst_case']:.2f} % "
                          f"(CI {100 * lo:.1f}-{100 * hi:.1f}); transfer to the served engine "
                          f"{100 * row['transfer_worst_case']:.2f} %")
-        flags = {k: (v["flag"] if v.get("checked", True) else "not checked (one eps)")
-                 for k, v in res["flags"].items() if isinstance(v, dict)}
+        flags = flag_summary(res["flags"])
         lines.append(f"  gradient-masking flags: {flags}")
     else:
         lines.append(f"  Recall@1 clean {100 * res['recall_at_1']:.2f} % (gallery {res['gallery']}, "
@@ -221,7 +222,7 @@ def run(cfg: ProbeCommand) -> int:
     if cfg.archive is not None:
         report = probe_offline(cfg.archive, cfg.probe)
     else:
-        report = probe_served(Instance(cfg.server), cfg.model, cfg.probe, cfg.wait_s, cfg.poll_s)
+        report = probe_served(Instance.at(cfg.workdir), cfg.model, cfg.probe, cfg.wait_s, cfg.poll_s)
     print(summarize(report))
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""``robustserve serve | stop | status``: run TorchServe on a model store with safe defaults.
+"""``robustserve serve [--foreground] | stop | status | health``: run TorchServe on a model store with safe defaults.
 
 ``serve`` writes ``config.properties`` and ``metrics.yaml`` from a :class:`ServeConfig` into the work folder and
 starts TorchServe there, with its own temp folder (pid file, worker sockets, unpacked archives), so instances with
@@ -30,15 +30,12 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, model_validator
 
+from serving.client import DEFAULT_WORKDIR, Instance, workdir_args
 from serving.runtime.probing.runner import PROBE_DIR_ENV, PROBE_KEY_ENV
 from serving.runtime.spec import Frozen
 
 log = logging.getLogger(__name__)
 
-KEY_FILE = "key_file.json"
-PROBE_KEY_FILE = "probe_key.json"
-PROBE_DIR = "probes"
-PID_FILE = ".model_server.pid"
 
 
 class Ports(Frozen):
@@ -59,7 +56,7 @@ class Ports(Frozen):
 class ServeConfig(Frozen):
     model_store: str = "model_store"
     models: tuple[str, ...] = ()  # archive names in the store (with or without .mar); empty: every archive
-    workdir: str = "runs/serve"  # config, logs, key file and temp folder of this instance
+    workdir: str = DEFAULT_WORKDIR  # config, logs, key file and temp folder of this instance
     host: str = "127.0.0.1"  # inference, metrics and gRPC inference listeners
     management_host: Optional[str] = None  # management and gRPC management; None: host
     allow_non_loopback: bool = False  # binding beyond loopback (e.g. inside a container) must be asked for
@@ -104,16 +101,14 @@ def is_loopback(host: str) -> bool:
 # --- files ---------------------------------------------------------------------------------------------------------
 
 
-def _url(cfg: ServeConfig, port: int, host: Optional[str] = None) -> str:
-    host = host or cfg.host
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1"  # a wildcard listener is reached through loopback from this machine
-    host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{port}"
-
-
 def _listen(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def listen_address(cfg: ServeConfig, api: str) -> str:
+    """The ``inference``, ``management`` or ``metrics`` listener address that ``cfg`` configures."""
+    host = (cfg.management_host or cfg.host) if api == "management" else cfg.host
+    return _listen(host, getattr(cfg.ports, api))
 
 
 def archives(cfg: ServeConfig) -> list[Path]:
@@ -138,9 +133,7 @@ def config_properties(cfg: ServeConfig) -> str:
     p = cfg.ports
     mhost = cfg.management_host or cfg.host
     props: dict[str, Any] = {
-        "inference_address": _listen(cfg.host, p.inference),
-        "management_address": _listen(mhost, p.management),
-        "metrics_address": _listen(cfg.host, p.metrics),
+        **{f"{api}_address": listen_address(cfg, api) for api in ("inference", "management", "metrics")},
         # gRPC listeners start whether or not they are configured: pin them to the same hosts.
         "grpc_inference_address": cfg.host,
         "grpc_inference_port": p.grpc_inference,
@@ -187,12 +180,13 @@ HANDLER_METRICS = {
 
 
 def _probe_metric_decls() -> dict[str, list[dict]]:
-    from serving.runtime.probing.metrics import PROBE_METRICS, SERVER_PREFIX
+    from serving.runtime.probing.metrics import CONFIG_LABEL, PROBE_METRICS, SERVER_PREFIX
 
     out: dict[str, list[dict]] = {}
     for suffix, (kind, unit, labels) in PROBE_METRICS.items():
+        extra = [CONFIG_LABEL] if kind == "gauge" else []
         out.setdefault(kind, []).append({"name": SERVER_PREFIX + suffix, "unit": unit,
-                                         "dimensions": ["ModelName", "Level", *labels]})
+                                         "dimensions": ["ModelName", "Level", *labels, *extra]})
     return out
 
 
@@ -232,78 +226,6 @@ def metrics_yaml() -> str:
 # --- process -------------------------------------------------------------------------------------------------------
 
 
-class Instance:
-    """The files of one TorchServe instance in its work folder."""
-
-    def __init__(self, cfg: ServeConfig):
-        self.cfg = cfg
-        self.work = Path(cfg.workdir).resolve()
-        self.tmp = self.work / "tmp"
-        self.logs = self.work / "logs"
-        self.key_file = self.work / KEY_FILE
-        self.probe_key_file = self.work / PROBE_KEY_FILE
-        self.probe_dir = self.work / PROBE_DIR
-        self.pid_file = self.tmp / PID_FILE
-
-    def pid(self) -> Optional[int]:
-        """The frontend's pid when it is alive, else None."""
-        try:
-            pid = int(self.pid_file.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-        return pid if _is_torchserve(pid) else None
-
-    def keys(self) -> dict[str, str]:
-        """{"inference": key, "management": key} or {} when token auth is off or the file is not there yet."""
-        try:
-            data = json.loads(self.key_file.read_text())
-        except (OSError, ValueError):
-            return {}
-        return {k: data[k]["key"] for k in ("inference", "management") if isinstance(data.get(k), dict)}
-
-    def probe_key(self) -> Optional[str]:
-        try:
-            return json.loads(self.probe_key_file.read_text())["key"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def headers(self, api: str) -> dict[str, str]:
-        key = self.keys().get(api)
-        return {"Authorization": f"Bearer {key}"} if key else {}
-
-    def url(self, api: str) -> str:
-        """Where this machine reaches the ``inference``, ``management`` or ``metrics`` listener."""
-        p = self.cfg.ports
-        if api == "management":
-            return _url(self.cfg, p.management, self.cfg.management_host)
-        return _url(self.cfg, p.inference if api == "inference" else p.metrics)
-
-    def get(self, api: str, path: str, timeout: float = 5.0) -> tuple[int, Any]:
-        req = urllib.request.Request(self.url(api) + path, headers=self.headers(api))
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                body = r.read()
-                status = r.status
-        except urllib.error.HTTPError as e:
-            body, status = e.read(), e.code
-        try:
-            return status, json.loads(body or b"null")
-        except ValueError:
-            return status, body.decode("utf-8", "replace")
-
-
-def _is_torchserve(pid: int) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return False
-        return True  # no /proc (macOS): trust the pid file
-    return b"org.pytorch.serve.ModelServer" in cmdline
-
-
 def _port_free(host: str, port: int) -> bool:
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(fam, socket.SOCK_STREAM) as s:
@@ -325,8 +247,9 @@ def start(cfg: ServeConfig) -> Instance:
     inst = Instance(cfg)
     if not cfg.token_auth and not is_loopback(cfg.host):
         log.warning("token authorization is off and %s is not loopback: anyone who reaches it can call it", cfg.host)
-    if inst.pid() is not None:
-        raise RuntimeError(f"TorchServe already runs from {inst.work} (pid {inst.pid()}); `robustserve stop` first")
+    if inst.pid() is not None or inst.answers():
+        raise RuntimeError(f"TorchServe already runs from {inst.work}; stop it first with: "
+                           f"robustserve stop{workdir_args(inst.work)}")
     mars = archives(cfg)
     mhost = cfg.management_host or cfg.host
     busy = [f"{n}={p}" for n, p in cfg.ports.model_dump().items()
@@ -471,13 +394,17 @@ def _alive(pids: list[int]) -> list[int]:
     return alive
 
 
-def status(cfg: ServeConfig) -> dict[str, Any]:
-    """{"running": bool, "pid", "models": {name: {"version", "ready", "workers": [...]}}}."""
-    inst = Instance(cfg)
+def status(target: ServeConfig | Instance) -> dict[str, Any]:
+    """{"running": bool, "pid", "models": {name: {"version", "ready", "workers": [...]}}} of the server of a work
+    folder, found over HTTP (pid: None when it runs in another PID namespace)."""
+    inst = target if isinstance(target, Instance) else Instance(target)
     pid = inst.pid()
-    if pid is None:
+    if pid is None and not inst.answers():
         return {"running": False, "workdir": str(inst.work), "models": {}}
-    code, listing = inst.get("management", "/models")
+    try:
+        code, listing = inst.get("management", "/models")
+    except OSError as e:  # the process is there, its listener not (yet)
+        code, listing = 0, f"management listener {inst.url('management')} not answering ({e})"
     if code != 200:
         return {"running": True, "pid": pid, "workdir": str(inst.work), "error": f"HTTP {code}: {listing}",
                 "models": {}}
@@ -499,22 +426,28 @@ def status(cfg: ServeConfig) -> dict[str, Any]:
 
 
 def describe_access(inst: Instance) -> str:
-    cfg = inst.cfg
-    inf = _url(cfg, cfg.ports.inference)
-    lines = [f"inference:  {inf}   management: {_url(cfg, cfg.ports.management, cfg.management_host)}   "
-             f"metrics: {_url(cfg, cfg.ports.metrics)}/metrics (no token)",
-             f"gRPC:       {cfg.host}:{cfg.ports.grpc_inference} (inference), "
-             f"{cfg.host}:{cfg.ports.grpc_management} (management)",
+    """Where the listeners are and where the keys lie, as the work folder says (what the server was given)."""
+    props = inst.properties()
+    inf = inst.url("inference")
+    lines = [f"inference:  {inf}   management: {inst.url('management')}   "
+             f"metrics: {inst.url('metrics')}/metrics (no token)",
+             f"gRPC:       {props.get('grpc_inference_address')}:{props.get('grpc_inference_port')} (inference), "
+             f"{props.get('grpc_management_address')}:{props.get('grpc_management_port')} (management)",
              f"logs:       {inst.logs}"]
-    if cfg.token_auth:
+    if props.get("disable_token_authorization") == "false":
         lines += [f"keys:       {inst.key_file} (inference and management keys; they expire after "
-                  f"{cfg.token_expiration_min} min)",
+                  f"{props.get('token_expiration_min')} min)",
                   "send:       -H \"Authorization: Bearer $(jq -r .inference.key " + str(inst.key_file) + ")\"",
                   f"example:    curl -H \"Authorization: Bearer <inference key>\" -H \"Content-Type: image/png\" "
                   f"--data-binary @image.png "
                   f"{inf}/predictions/<model>"]
     else:
         lines.append("token authorization is OFF: anyone who reaches these ports can call them")
+    if inst.probe_key() is not None:
+        lines.append(f"probe key:  {inst.probe_key_file} (send it as X-Probe-Key with a probe request; "
+                     f"robustserve probe reads it from there)")
+    else:
+        lines.append("probes:     off (no probe key; serve with probe_key=true to allow them)")
     return "\n".join(lines)
 
 
@@ -543,42 +476,14 @@ def run_foreground(cfg: ServeConfig) -> int:
     return 0 if stopping else 1
 
 
-def healthy(cfg: ServeConfig) -> bool:
+def healthy(target: ServeConfig | Instance) -> bool:
     """Every model has a READY worker and /ping answers with the inference key."""
+    inst = target if isinstance(target, Instance) else Instance(target)
     try:
-        st = status(cfg)
+        st = status(inst)
         if not st["running"] or not st["models"] or not all(m.get("ready") for m in st["models"].values()):
             return False
-        code, _ = Instance(cfg).get("inference", "/ping")
+        code, _ = inst.get("inference", "/ping")
     except OSError:  # not listening yet, or gone
         return False
     return code == 200
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m serving.serve {run|health|stop} [--config FILE] [--set key=value ...]``"""
-    import argparse
-
-    from serving.configio import ConfigError, load_config
-
-    p = argparse.ArgumentParser(prog="python -m serving.serve", description=main.__doc__)
-    p.add_argument("action", choices=("run", "health", "stop"))
-    p.add_argument("--config")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(ServeConfig, args.config, args.overrides)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
-    if args.action == "run":
-        return run_foreground(cfg)
-    if args.action == "health":
-        return 0 if healthy(cfg) else 1
-    stop(cfg)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

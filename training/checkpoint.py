@@ -35,10 +35,25 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         raise
 
 
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be a checkpoint (missing, a folder, not a ``torch.save`` archive), or None."""
+    import zipfile
+
+    path = Path(path)
+    if not path.exists():
+        return f"{path} not found (train one with `robustserve train`)"
+    if not path.is_file():
+        return f"{path} is a folder; name the checkpoint file in it (model.pt or last.pt)"
+    if not zipfile.is_zipfile(path):
+        return f"{path} is not a checkpoint (torch.save writes a zip archive; this is not one)"
+    return None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (train one with `robustserve train`)")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise (FileNotFoundError if not path.exists() else ValueError)(f"checkpoint {problem}")
     return torch.load(path, map_location=map_location, weights_only=False)
 
 

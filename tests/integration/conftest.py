@@ -7,6 +7,8 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import subprocess
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,23 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def in_own_pid_namespace(*args, timeout=300):
+    """A robustserve command as a sidecar container runs it: its own PID namespace (the server's processes are
+    invisible), the same network and the same work folder."""
+    if not _unshare_works():
+        pytest.skip("unshare --pid --fork --mount-proc is not permitted here (needs root or user namespaces)")
+    return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "serving.cli", *args],
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.monitor import Monitor, MonitorConfig
 from serving.probe import ProbeParams, probe_offline
+from tests.integration.conftest import in_own_pid_namespace
 from tests.unit.serving.builders import export_small, write_untrained_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -26,10 +27,8 @@ def cli(*args, timeout=300):
 
 
 def server_sets(server) -> list[str]:
-    cfg = server.cfg
-    sets = [f"server.workdir={cfg.workdir}", f"server.model_store={cfg.model_store}"]
-    sets += [f"server.ports.{k}={v}" for k, v in cfg.ports.model_dump().items()]
-    return [a for s in sets for a in ("--set", s)]
+    """Only the work folder: its addresses and keys are read there."""
+    return ["--set", f"workdir={server.cfg.workdir}"]
 
 
 def after_rate_limit(server, model: str) -> None:
@@ -69,7 +68,7 @@ def test_probe_command_against_the_server_equals_it_offline(server, tmp_path):
 
 def test_monitor_metrics_alert_and_readiness(server, tmp_path):
     after_rate_limit(server, "clf")
-    cfg = MonitorConfig(server=server.cfg, models=("clf",), port=0, floor=0.99, interval_s=1,
+    cfg = MonitorConfig(workdir=server.cfg.workdir, models=("clf",), port=0, floor=0.99, interval_s=1,
                         probe=ProbeParams(**SMALL), history=str(tmp_path / "monitor.jsonl"))
     mon = Monitor(cfg)
     port = mon.serve_http()
@@ -141,3 +140,46 @@ def test_gate_promotes_an_equal_candidate_and_refuses_a_worse_one(server, tmp_pa
     # Both measured on the baseline's probe set with the same attack and seed.
     assert decision["baseline"]["probe_set_sha256"] == decision["candidate"]["probe_set_sha256"]
     assert decision["checks"][0]["drop"] > 0.02
+
+
+def test_monitor_waits_for_a_server_that_does_not_answer_then_probes_it(server, tmp_path):
+    """Started before the server (an empty work folder), the monitor keeps looking instead of exiting, with /ready
+    at 503 saying why; once the folder holds the server's config and keys, it finds the server over HTTP and
+    probes it."""
+    after_rate_limit(server, "clf")
+    work = tmp_path / "w"
+    work.mkdir()
+    sets = [f"probe.{k}={json.dumps(v)}" for k, v in SMALL.items()]
+    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "monitor", "--set", f"workdir={work}",
+                             "--set", "models=[clf]", "--set", "port=0", "--set", "rounds=1", "--set", "retry_s=0.2",
+                             "--set", "floor=0.0", *[a for s in sets for a in ("--set", s)]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        port = int(first.split("http://127.0.0.1:", 1)[1].split("/", 1)[0])
+        time.sleep(1.5)  # several looks at an empty folder
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        status, body = get(f"http://127.0.0.1:{port}/ready")
+        assert status == 503 and "no TorchServe answers" in json.loads(body)["server"]
+        status, text = get(f"http://127.0.0.1:{port}/metrics")
+        assert "robustserve_monitor_server_up 0.0" in text.decode()
+        for name in ("config.properties", "key_file.json", "probe_key.json"):
+            (work / name).write_bytes((server.inst.work / name).read_bytes())
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "waiting for the server" in out and "round 1: clf: ok" in out
+
+
+def test_monitor_as_a_sidecar_in_its_own_pid_namespace(server, tmp_path):
+    """The documented sidecar: the monitor in its own PID namespace, sharing only the work folder and the
+    network, finds the server over HTTP and probes it."""
+    after_rate_limit(server, "clf")
+    sets = [f"probe.{k}={json.dumps(v)}" for k, v in SMALL.items()]
+    r = in_own_pid_namespace("monitor", *server_sets(server), "--set", "port=0", "--set", "rounds=1",
+                             "--set", "floor=0.0", "--set", f"history={tmp_path / 'h.jsonl'}",
+                             "--set", "models=[clf]", *[a for s in sets for a in ("--set", s)])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "round 1: clf: ok" in r.stdout and "waiting for the server" not in r.stdout

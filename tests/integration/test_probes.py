@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.runtime.probes import ProbeSet
 from serving.runtime.probing.history import ProbeHistory
+from serving.runtime.probing.metrics import config_id, probe_samples
 from serving.runtime.probing.params import ProbeConfig
 from serving.serve import ServeConfig, start, stop
 from tests.integration.conftest import free_ports
@@ -116,22 +117,55 @@ def test_regular_requests_keep_succeeding_during_a_probe(clf_report):
 
 def test_probe_figures_reach_the_metrics_endpoint(server, clf_report):
     report, _ = clf_report
+    this = {"ModelName": "clf", "config": config_id(report)}  # other probes of clf ran with other configs
     row = report["results"]["robust"][0]
-    got = wait_for_metric(server, "robustserve_probe_robust_accuracy_ratio",
-                          {"ModelName": "clf", "attack": "worst", "eps": "0.03"})
+    got = wait_for_metric(server, "robustserve_probe_robust_accuracy_ratio", {**this, "attack": "worst", "eps": "0.03"})
     assert got == pytest.approx(row["worst_case"])
     for lbl, v in row["attacks"].items():
         assert wait_for_metric(server, "robustserve_probe_robust_accuracy_ratio",
-                               {"ModelName": "clf", "attack": lbl, "eps": "0.03"}) == pytest.approx(v)
+                               {**this, "attack": lbl, "eps": "0.03"}) == pytest.approx(v)
     assert wait_for_metric(server, "robustserve_probe_transfer_robust_accuracy_ratio",
-                           {"ModelName": "clf", "attack": "worst", "eps": "0.1"}) == pytest.approx(
+                           {**this, "attack": "worst", "eps": "0.1"}) == pytest.approx(
         report["results"]["robust"][1]["transfer_worst_case"])
-    assert wait_for_metric(server, "robustserve_probe_clean_accuracy_ratio", {"ModelName": "clf"}) == \
+    assert wait_for_metric(server, "robustserve_probe_clean_accuracy_ratio", this) == \
         pytest.approx(report["results"]["clean_accuracy"])
-    assert wait_for_metric(server, "robustserve_probe_duration_seconds", {"ModelName": "clf"}) > 0
-    ts = wait_for_metric(server, "robustserve_probe_last_success_timestamp_seconds", {"ModelName": "clf"})
+    assert wait_for_metric(server, "robustserve_probe_duration_seconds", this) > 0
+    ts = wait_for_metric(server, "robustserve_probe_last_success_timestamp_seconds", this)
     assert abs(ts - time.time()) < 3600
     assert wait_for_metric(server, "robustserve_probe_runs_total", {"ModelName": "clf", "status": "ok"}) >= 1
+
+
+def test_a_probe_of_another_config_never_mixes_with_earlier_series(server, clf_report):
+    """On a real TorchServe scrape: a PGD-only probe at one eps after the three-attack, two-eps probe. TorchServe
+    keeps the earlier series, but under their own config; the latest config's series are exactly the latest
+    probe's figures, and no masking flag claims a check that was not made."""
+    first, _ = clf_report
+    second = server.probe_report("clf", {"attacks": ["pgd"], "eps": [0.05], "steps": 3, "n": 32, "seed": 1})
+    assert second["status"] == "ok"
+    new = config_id(second)
+    assert new != config_id(first)
+    wait_for_metric(server, "robustserve_probe_last_success_timestamp_seconds", {"ModelName": "clf", "config": new})
+    scraped = samples(server, "robustserve_probe_")
+    by_config: dict[str, dict] = {}
+    for (name, labels), v in scraped.items():
+        lab = dict(labels)
+        if lab.get("ModelName") == "clf" and "config" in lab:
+            key = (name, tuple(sorted((k, x) for k, x in lab.items() if k not in ("ModelName", "Level", "config"))))
+            by_config.setdefault(lab["config"], {})[key] = v
+    stamps = {c: s[("robustserve_probe_last_success_timestamp_seconds", ())] for c, s in by_config.items()}
+    assert max(stamps, key=stamps.get) == new
+    want = {}
+    for full, kind, _, labels, value in probe_samples(second):
+        if kind == "gauge":
+            want[(full, tuple(sorted((k, x) for k, x in labels.items() if k != "config")))] = value
+    assert by_config[new].keys() == want.keys()
+    for key, value in want.items():
+        assert by_config[new][key] == pytest.approx(value, rel=1e-5), key
+    assert ("robustserve_probe_gradient_masking_flag", (("check", "eps_monotone"),)) not in by_config[new]
+    # The earlier probe's figures are still its own, under its config, unchanged by the later probe.
+    row = first["results"]["robust"][1]
+    assert by_config[config_id(first)][("robustserve_probe_robust_accuracy_ratio",
+                                         (("attack", "worst"), ("eps", "0.1")))] == pytest.approx(row["worst_case"])
 
 
 def test_probe_history_is_kept_on_disk(server, clf_report):

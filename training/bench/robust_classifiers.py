@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from serving.runtime.evaluation.classification import flag_summary
 from serving.runtime.spec import Frozen, ThreatModel
 from training.config import AttackSpec, DataConfig, EvaluateConfig, MethodConfig, ModelConfig, OptimConfig, TrainConfig
 
@@ -246,7 +247,7 @@ def summarise(cfg: BenchConfig, reports: dict[int, dict[str, dict]]) -> dict:
                 "clean": rep["clean_accuracy"], "attacks": row["attacks"], "worst_case": row["worst_case"],
                 "worst_case_ci95": row["worst_case_ci95"], "train_seconds": sum(secs) if secs else None,
                 "eval_seconds": rep.get("seconds"),
-                "sanity_flags": {k: v["flag"] for k, v in rep.get("sanity", {}).items() if isinstance(v, dict)},
+                "sanity_flags": flag_summary(rep.get("sanity", {})),
             }
         n = next(iter(reports.values()))[run]["n"]
         k = int(round(sum(v["worst_case"] for v in seeds.values()) * n))

@@ -118,10 +118,20 @@ def label(a: AttackSpec) -> str:
 
 def eps_monotone(curve: dict[float, float], slack: float = 0.005) -> dict:
     """Robust accuracy must not rise with eps. curve: {eps: accuracy}; flag True when it rises by more than
-    ``slack`` between consecutive eps."""
+    ``slack`` between consecutive eps. With fewer than two eps nothing is checked: ``checked`` False and
+    ``flag`` None (never False, which would read as "checked, fine")."""
     eps_sorted = sorted(curve)
+    out = {"curve": {f"{e:g}": curve[e] for e in eps_sorted}}
+    if len(eps_sorted) < 2:
+        return {**out, "flag": None, "checked": False, "why": "one eps: monotonicity needs two or more"}
     rises = [(a, b) for a, b in zip(eps_sorted, eps_sorted[1:]) if curve[b] > curve[a] + slack]
-    return {"curve": {f"{e:g}": curve[e] for e in eps_sorted}, "flag": bool(rises)}
+    return {**out, "flag": bool(rises), "checked": True}
+
+
+def flag_summary(flags: dict) -> dict:
+    """{check: True/False, or "not checked (why)"} of a flags dict, for people and logs."""
+    return {k: (v.get("flag") if v.get("checked", True) else f"not checked ({v.get('why', 'skipped')})")
+            for k, v in flags.items() if isinstance(v, dict)}
 
 
 def gradient_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:

@@ -81,8 +81,7 @@ def classifier_probe(module: nn.Module, serve: ServeFn, probes: ProbeSet, cfg: P
                      "seconds": {**secs, "total": round(time.perf_counter() - t0, 2)}})
         curve[eps] = kr / n
     flags = gradient_checks(module, x[:bs], y[:bs])
-    flags["eps_monotone"] = eps_monotone(curve) if len(curve) > 1 else {
-        "curve": {f"{e:g}": v for e, v in curve.items()}, "flag": False, "checked": False}
+    flags["eps_monotone"] = eps_monotone(curve)
     flags["any_flag"] = any(v.get("flag") for v in flags.values() if isinstance(v, dict))
     return {"n": n, "clean_accuracy": k / n, "clean_ci95": wilson_interval(k, n),
             "serving_clean_accuracy": int(serve_clean.sum()) / n, "robust": rows, "flags": flags}

@@ -63,7 +63,7 @@ def test_model_spec_validation():
 def _roots():
     from serving.cli import BENCHES, COMMANDS
 
-    roots = {name: factory() for name, (_, factory, _) in COMMANDS.items()}
+    roots = {name: cmd.root() for name, cmd in COMMANDS.items()}
     roots.update({f"bench {name}": loader()[0] for name, (_, loader) in BENCHES.items()})
     return roots
 

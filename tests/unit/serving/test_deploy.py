@@ -118,3 +118,25 @@ def test_the_image_carries_what_probes_and_the_monitor_import():
     copies = " ".join(r for w, r in dockerfile_instructions() if w == "COPY")
     for module in ("cli.py", "probe.py", "monitor.py", "gate.py"):
         assert f"serving/{module}" in copies
+
+
+def test_the_image_runs_robustserve_commands_that_parse():
+    """ENTRYPOINT and HEALTHCHECK are `robustserve` subcommands (serve --foreground, health) whose config file is
+    the one the image writes; the monitoring sidecar's documented command parses too."""
+    from serving.cli import build_parser
+    from serving.configio import load_config
+    from serving.monitor import MonitorConfig
+
+    ins = dockerfile_instructions()
+    entry = json.loads(next(r for w, r in ins if w == "ENTRYPOINT"))
+    health = json.loads(next(r for w, r in ins if w == "HEALTHCHECK").split("CMD", 1)[1])
+    for argv, command in ((entry, "serve"), (health, "health")):
+        assert argv[:3] == ["python3", "-m", "serving.cli"], argv
+        args = build_parser().parse_args(argv[3:])
+        assert args.command == command and args.config == "/etc/robustserve/serve.yaml"
+    assert build_parser().parse_args(entry[3:]).foreground
+    readme = (ROOT / "deploy" / "monitoring" / "README.md").read_text()
+    sidecar = json.loads(re.search(r'command: (\["python3", "-m", "serving.cli", "monitor".*?\])', readme,
+                                    re.S).group(1))
+    args = build_parser().parse_args(sidecar[3:])
+    assert load_config(MonitorConfig, None, args.overrides).workdir == "/srv/robustserve"

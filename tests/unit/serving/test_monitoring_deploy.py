@@ -32,19 +32,21 @@ MONITOR_METRICS = {
     "robustserve_monitor_probe_interval_seconds": {"model"},
     "robustserve_monitor_probes_total": {"model", "status"},
     "robustserve_monitor_ready": set(),
+    "robustserve_monitor_server_up": set(),
 }
 _TS = {"ModelName", "Level"}
+_G = _TS | {"config"}  # TorchServe cannot drop a series: its probe gauges carry the probe's configuration
 TORCHSERVE_METRICS = {
-    "robustserve_probe_clean_accuracy_ratio": _TS,
-    "robustserve_probe_robust_accuracy_ratio": _TS | {"attack", "eps"},
-    "robustserve_probe_transfer_robust_accuracy_ratio": _TS | {"attack", "eps"},
-    "robustserve_probe_recall_at_1_ratio": _TS | {"condition"},
-    "robustserve_probe_ers_lite": _TS,
-    "robustserve_probe_duration_seconds": _TS,
-    "robustserve_probe_last_success_timestamp_seconds": _TS,
+    "robustserve_probe_clean_accuracy_ratio": _G,
+    "robustserve_probe_robust_accuracy_ratio": _G | {"attack", "eps"},
+    "robustserve_probe_transfer_robust_accuracy_ratio": _G | {"attack", "eps"},
+    "robustserve_probe_recall_at_1_ratio": _G | {"condition"},
+    "robustserve_probe_ers_lite": _G,
+    "robustserve_probe_duration_seconds": _G,
+    "robustserve_probe_last_success_timestamp_seconds": _G,
     "robustserve_probe_runs_total": _TS | {"status"},
-    "robustserve_probe_embedding_shift": _TS,
-    "robustserve_probe_gradient_masking_flag": _TS | {"check"},
+    "robustserve_probe_embedding_shift": _G,
+    "robustserve_probe_gradient_masking_flag": _G | {"check"},
 }
 METRICS = {**MONITOR_METRICS, **TORCHSERVE_METRICS, "up": set()}
 TARGET_LABELS = {"job", "instance"}  # added by Prometheus at scrape time
@@ -173,7 +175,8 @@ def test_dashboard_queries_use_exported_metrics_and_labels(dashboard):
             legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", t.get("legendFormat", "")))
             assert legend <= labels_available(t["expr"]), f"{p['title']}: legend labels {legend}"
             # Every monitor query follows the model picker; an unfiltered one would mix models.
-            if metric_names(t["expr"]) & MONITOR_METRICS.keys() - {"robustserve_monitor_ready"}:
+            unlabelled = {"robustserve_monitor_ready", "robustserve_monitor_server_up"}
+            if metric_names(t["expr"]) & MONITOR_METRICS.keys() - unlabelled:
                 assert 'model=~"$model"' in t["expr"], t["expr"]
             if metric_names(t["expr"]) & TORCHSERVE_METRICS.keys():
                 assert 'ModelName=~"$model"' in t["expr"], t["expr"]
@@ -319,6 +322,34 @@ def test_promtool_rules_fire_as_intended(tmp_path):
     out = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SUCCESS" in out.stdout
+
+
+@promtool
+def test_dashboard_shows_only_the_latest_probe_of_torchserve(dashboard, tmp_path):
+    """TorchServe keeps every series it was ever given: an older probe (APGD-CE at eps 0.1) stays beside a newer
+    PGD-only probe at eps 0.05. The dashboard's query keeps the series of the latest probe's config only."""
+    expr = next(e for e in all_exprs(dashboard) if e.startswith("(robustserve_probe_robust_accuracy_ratio"))
+    expr = expr.replace("$model", ".*")
+    ts = "robustserve_probe_"
+    old, new = 'ModelName="clf", Level="Model", config="aaa"', 'ModelName="clf", Level="Model", config="bbb"'
+    series = [
+        (ts + f'robust_accuracy_ratio{{{old}, attack="APGD-CE", eps="0.1"}}', "0.625x10"),
+        (ts + f'robust_accuracy_ratio{{{old}, attack="worst", eps="0.1"}}', "0.60x10"),
+        (ts + f'robust_accuracy_ratio{{{old}, attack="worst", eps="0.05"}}', "0.70x10"),
+        (ts + f'last_success_timestamp_seconds{{{old}}}', "100x10"),
+        (ts + f'robust_accuracy_ratio{{{new}, attack="PGD-20", eps="0.05"}}', "0.75x10"),
+        (ts + f'robust_accuracy_ratio{{{new}, attack="worst", eps="0.05"}}', "0.75x10"),
+        (ts + f'last_success_timestamp_seconds{{{new}}}', "200x10"),
+    ]
+    want = [{"labels": f'robustserve_probe_robust_accuracy_ratio{{{new}, attack="{a}", eps="0.05"}}', "value": 0.75}
+            for a in ("PGD-20", "worst")]
+    spec = {"evaluation_interval": "1m",
+            "tests": [{"interval": "1m", "input_series": [{"series": s, "values": v} for s, v in series],
+                       "promql_expr_test": [{"expr": expr, "eval_time": "5m", "exp_samples": want}]}]}
+    path = tmp_path / "dashboard_test.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_the_contract_is_what_the_server_declares():

@@ -30,7 +30,8 @@ from serving.runtime.evaluation.classification import cascade, predict
 from serving.runtime.probes import ProbeSet, clean_score, self_check_margin
 from serving.runtime.probing.history import Busy, ProbeGate, ProbeHistory, RateLimited
 from serving.runtime.probing.measure import attack_specs, classifier_probe, retrieval_probe
-from serving.runtime.probing.metrics import PROBE_METRICS, SERVER_PREFIX, probe_samples, report_samples
+from serving.runtime.probing.metrics import (PROBE_METRICS, SERVER_PREFIX, config_id, probe_samples,
+                                              report_samples)
 from serving.runtime.probing.params import ProbeConfig, ProbeRequest, ProbeSettings, resolve
 from serving.runtime.probing.runner import key_digest
 from serving.runtime.schemas import ServiceSettings
@@ -681,10 +682,21 @@ def test_probe_samples_follow_the_declared_metrics(finished):
     for full, kind, unit, labels, value in out:
         assert full.startswith(SERVER_PREFIX)
         declared_kind, declared_unit, label_names = PROBE_METRICS[full[len(SERVER_PREFIX):]]
-        assert (kind, unit, tuple(labels)) == (declared_kind, declared_unit, label_names)
+        # A gauge also names the probe's configuration: TorchServe never drops a series, so one config's series
+        # must not be overwritten by another's.
+        extra = ("config",) if kind == "gauge" else ()
+        assert (kind, unit, tuple(labels)) == (declared_kind, declared_unit, label_names + extra)
+        assert kind == "counter" or labels["config"] == config_id(rep)
         assert math.isfinite(value)
     assert [o[:2] for o in out if o[1] == "counter"] == [("robustserve_probe_runs_total", "counter")]
     assert list(probe_samples(rep, prefix="x_"))[0][0] == "x_runs_total"
+
+
+def test_config_id_names_the_configuration_not_the_run():
+    a = {"config": {"attacks": ["PGD-20"], "eps": [0.05], "steps": 20, "n": 64, "seed": 0}, "id": "1"}
+    b = {**a, "id": "2", "started_unix": 5.0}
+    c = {**a, "config": {**a["config"], "eps": [0.05, 0.1]}}
+    assert config_id(a) == config_id(b) != config_id(c) and len(config_id(a)) == 12
 
 
 @pytest.mark.parametrize("status", ["failed", "timeout"])
