@@ -81,9 +81,10 @@ def test_metrics_yaml_declares_the_handler_metrics():
     assert {m["name"] for ms in HANDLER_METRICS.values() for m in ms} <= declared
     assert all(m["dimensions"][:2] == ["ModelName", "Level"] for kind in doc["model_metrics"].values() for m in kind)
     # Probe metrics carry their own labels after the two TorchServe adds, in the order the handler sends them.
-    from serving.runtime.probing.metrics import PROBE_METRICS, SERVER_PREFIX
+    from serving.runtime.probing.metrics import CONFIG_LABEL, PROBE_METRICS, SERVER_PREFIX
 
     by_name = {m["name"]: (kind, m["dimensions"]) for kind, ms in doc["model_metrics"].items() for m in ms}
     for suffix, (kind, _, labels) in PROBE_METRICS.items():
-        assert by_name[SERVER_PREFIX + suffix] == (kind, ["ModelName", "Level", *labels])
+        extra = [CONFIG_LABEL] if kind == "gauge" else []  # a gauge names its probe's config (TorchServe keeps all)
+        assert by_name[SERVER_PREFIX + suffix] == (kind, ["ModelName", "Level", *labels, *extra])
     assert "Requests4XX" in {m["name"] for m in doc["ts_metrics"]["counter"]}
