@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Optional
 from serving.runtime.probing.runner import PROBE_DIR_ENV, PROBE_KEY_ENV
 from serving.runtime.schemas import ServiceSettings
 from serving.runtime.service import ModelService, RawRequest, Reply, internal_error
+from serving.runtime.v2binary import HEADER_LENGTH
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,9 @@ PAYLOAD_KEYS = ("body", "data")
 # TorchServe 0.12 does not hand query parameters of /predictions to the handler; options of a raw-image request
 # come as multipart form fields or as these headers.
 HEADER_OPTIONS = {"x-top-k": "top_k", "x-k": "k", "x-output": "output"}
-JSON = "application/json"
 BATCH_HEADER = "X-Robustserve-Batch"
 PROBE_KEY_HEADER = "x-probe-key"
+BINARY_HEADER = HEADER_LENGTH.lower()
 
 
 class TorchServeAdapter:
@@ -67,13 +68,15 @@ class TorchServeAdapter:
 
     def to_raw(self, item: Any, headers: Optional[dict] = None) -> RawRequest:
         params: dict[str, Any] = {}
-        probe_key = ctype = None
+        probe_key = ctype = length = None
         for name, value in (headers or {}).items():
             lname = str(name).lower()
-            if lname in (PROBE_KEY_HEADER, "content-type"):
+            if lname in (PROBE_KEY_HEADER, "content-type", BINARY_HEADER):
                 text = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
                 if lname == PROBE_KEY_HEADER:
                     probe_key = text
+                elif lname == BINARY_HEADER:
+                    length = text
                 else:
                     ctype = text
                 continue
@@ -81,20 +84,21 @@ class TorchServeAdapter:
             if key and key in self.service.option_keys:
                 params[key] = value
         if not isinstance(item, dict):
-            return RawRequest(body=item, params=params, probe_key=probe_key, content_type=ctype)
+            return RawRequest(body=item, params=params, probe_key=probe_key, content_type=ctype, header_length=length)
         if "probe" in item and not any(k in item for k in PAYLOAD_KEYS):
             # A JSON body arrives already decoded: its own keys are the whole request; header options are an
             # inference request's business.
-            return RawRequest(body=dict(item), params={}, probe_key=probe_key, content_type=ctype)
+            return RawRequest(body=dict(item), params={}, probe_key=probe_key, content_type=ctype,
+                              header_length=length)
         body = None
         for key, value in item.items():
             if key in PAYLOAD_KEYS and body is None:
                 body = value
             else:
                 params[key] = value
-        return RawRequest(body=body, params=params, probe_key=probe_key, content_type=ctype)
+        return RawRequest(body=body, params=params, probe_key=probe_key, content_type=ctype, header_length=length)
 
-    def handle(self, data: list, context: Any) -> list[str]:
+    def handle(self, data: list, context: Any) -> list[bytes]:
         """One answer per item, always: an exception escaping here would make TorchServe fail the whole batch
         (503 for every item), so whatever goes wrong becomes the answer of the item it concerns."""
         assert self.service is not None, "initialize() was not called"
@@ -120,19 +124,21 @@ class TorchServeAdapter:
         out = []
         for i, reply in enumerate(replies):
             try:
-                text = reply.json()
+                payload, content_type, headers = reply.payload()
             except Exception:  # noqa: BLE001 - an answer that cannot be encoded (non-finite number, odd type)
                 reply = internal_error(f"encoding the answer of request {i}")
-                text = reply.json()
+                payload, content_type, headers = reply.payload()
             try:
                 if reply.status != 200:
                     context.set_response_status(reply.status, _phrase(reply.status), idx=i)
-                context.set_response_content_type(i, JSON)
+                context.set_response_content_type(i, content_type)
+                for name, value in headers.items():
+                    context.set_response_header(i, name, value)
                 # How many requests shared this handler call: lets clients and tests see batching at work.
                 context.set_response_header(i, BATCH_HEADER, str(len(data)))
             except Exception:  # noqa: BLE001 - headers are a courtesy; the answer still goes out
                 log.warning("cannot set the response headers of request %d", i, exc_info=True)
-            out.append(text)
+            out.append(payload)
         try:
             bad = sum(r.status >= 400 for r in replies)
             self._metrics(context, bad, sum(len(d.x) for _, d in good), t1 - t0, t2 - t1)

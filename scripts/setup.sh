@@ -43,6 +43,14 @@ if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
      >/dev/null 2>&1) || echo "setup: promtool not installed; the rules check will be skipped" >&2
 fi
+# Optional: hey (Debian package hey), the compiled load generator scripts/bench_serving.py drives; only the
+# benchmark needs it, so a failed install here is not an error.
+if ! command -v hey >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+   && [ -z "${ROBUSTSERVE_NO_HEY:-}" ]; then
+  echo "setup: installing hey for the serving benchmark (ROBUSTSERVE_NO_HEY=1 skips it)"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends hey \
+     >/dev/null 2>&1) || echo "setup: hey not installed; scripts/bench_serving.py will say so" >&2
+fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"

@@ -104,7 +104,8 @@ class V2Tensor(BaseModel):
     shape: list[int]
     datatype: V2Datatype
     parameters: Optional[dict[str, Any]] = None
-    data: list[Any]
+    # Absent when the tensor travels as binary data after the JSON header (parameters.binary_data_size).
+    data: Optional[list[Any]] = None
 
 
 class V2RequestedOutput(BaseModel):

@@ -230,9 +230,9 @@ class ModelService:
                 else:
                     good.append((i, self.decode(raw)))
             except RequestError as e:
-                replies[i] = self.error_reply(e, raw.body)
+                replies[i] = self.error_reply(e, raw)
             except Exception:  # noqa: BLE001 - whatever one request triggers stays that request's answer
-                replies[i] = internal_error(f"decoding request {i} of {len(raws)}", error_codec(raw.body))
+                replies[i] = internal_error(f"decoding request {i} of {len(raws)}", error_codec(raw))
         return replies, good
 
     def probe_reply(self, raw: RawRequest) -> Reply:
@@ -251,13 +251,13 @@ class ModelService:
         each request is run alone, so a failure stays with the request that causes it (500 with an error id)."""
         try:
             bodies = self.infer([d for _, d in good])
-            for (i, _), body in zip(good, bodies):
-                replies[i] = Reply(200, body)
+            for (i, d), body in zip(good, bodies):
+                replies[i] = d.codec.reply(d, body)
         except Exception:  # noqa: BLE001
             log.warning("a batch of %d failed; answering its requests one by one", len(good), exc_info=True)
             for i, d in good:
                 try:
-                    replies[i] = Reply(200, self.infer([d])[0])
+                    replies[i] = d.codec.reply(d, self.infer([d])[0])
                 except RequestError as e:
                     replies[i] = Reply(e.status, d.codec.error(e))
                 except Exception:  # noqa: BLE001
@@ -269,7 +269,7 @@ class ModelService:
 
     @staticmethod
     def error_reply(e: RequestError, body: Any = None) -> Reply:
-        """The error in the protocol ``body`` (parsed or not) was sent in."""
+        """The error in the protocol ``body`` (a request, or a body parsed or not) was sent in."""
         return Reply(e.status, error_codec(body).error(e))
 
     def describe(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any, Callable
 from serving.runtime.codecs.base import Codec, CodecTarget, RawRequest, Reply, TaskInput, V2Output, validate
 from serving.runtime.codecs.kserve_v2 import KServeV2Codec, looks_v2
 from serving.runtime.codecs.native import NativeCodec
-from serving.runtime import jsonsafe
+from serving.runtime import jsonsafe, v2binary
 from serving.runtime.errors import InvalidInput, UnsupportedMediaType
 from serving.runtime.preprocess import sniff_image
 
@@ -29,6 +29,9 @@ def read_body(raw: RawRequest, parse_json: Callable[[bytes], Any]) -> RawRequest
     body = raw.body
     if raw.read:
         return raw
+    length = v2binary.header_length(raw.header_length)
+    if length is not None:
+        return _read_binary(raw, length, parse_json)
     if isinstance(body, (dict, list)):
         jsonsafe.check(body)
         return replace(raw, read=True)
@@ -61,13 +64,33 @@ def read_body(raw: RawRequest, parse_json: Callable[[bytes], Any]) -> RawRequest
     return replace(raw, body=body, read=True)
 
 
+def _read_binary(raw: RawRequest, length: int, parse_json: Callable[[bytes], Any]) -> RawRequest:
+    """A v2 body with the binary tensor data extension: its JSON header parsed (with the host's limits), its binary
+    inputs cut out and checked against the header."""
+    body = raw.body.encode("utf-8") if isinstance(raw.body, str) else raw.body
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        what = "JSON" if isinstance(body, (dict, list)) else type(body).__name__
+        raise InvalidInput(f"a request with {v2binary.HEADER_LENGTH} must carry the raw body, not {what} "
+                           f"(send it as application/octet-stream)")
+    head, rest = v2binary.split_request(bytes(body), length)
+    doc = parse_json(head)
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
+        raise InvalidInput("the inference header must be a JSON object with 'inputs'")
+    return replace(raw, body=doc, read=True, binary=v2binary.binary_inputs(doc["inputs"], rest))
+
+
 def codec_for(body: Any) -> Codec:
     """The codec for a body read by :func:`read_body`."""
     return KSERVE_V2 if isinstance(body, dict) and "inputs" in body else NATIVE
 
 
 def error_codec(body: Any) -> Codec:
-    """The codec to answer an error in, for a body that may not have been read (or not be readable at all)."""
+    """The codec to answer an error in, for a request (or a body) that may not have been read (or not be readable
+    at all)."""
+    if isinstance(body, RawRequest):
+        if body.header_length is not None:
+            return KSERVE_V2
+        body = body.body
     try:
         return KSERVE_V2 if looks_v2(body) else NATIVE
     except Exception:  # noqa: BLE001 - only chooses the error's form

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
+from serving.runtime import v2binary
 from serving.runtime.errors import InvalidInput, RequestError
 from serving.runtime.schemas import ServiceSettings
 from serving.runtime.spec import ModelSpec
@@ -27,17 +28,35 @@ class RawRequest:
     params: Mapping[str, Any] = field(default_factory=dict)
     probe_key: Optional[str] = None  # the X-Probe-Key a probe request came with
     content_type: Optional[str] = None  # as the client declared it; only used to explain a mismatch
+    # The Inference-Header-Content-Length header (v2 binary tensor data extension): the body is that many bytes of
+    # JSON followed by binary tensors.
+    header_length: Any = None
     read: bool = False  # set by serving.runtime.codecs.read_body once the body is in the form codecs take
+    # Set by read_body for a binary v2 body: its binary inputs by position in the header's ``inputs``.
+    binary: Optional[dict[int, v2binary.BinaryTensor]] = None
+
+
+def dumps(doc: Any) -> bytes:
+    """The JSON encoder of answers (UTF-8 bytes). Standard JSON only: a non-finite number in an answer is an error
+    on our side, not 'NaN' on the wire."""
+    return json.dumps(doc, allow_nan=False).encode("utf-8")
 
 
 @dataclass
 class Reply:
     status: int
     body: dict[str, Any]
+    binary_outputs: tuple[str, ...] = ()  # v2 outputs answered as binary data after the JSON header
+
+    def payload(self) -> tuple[bytes, str, dict[str, str]]:
+        """(the body's bytes, its content type, other HTTP headers to send with it)."""
+        data, head = v2binary.encode_response(self.body, self.binary_outputs, dumps)
+        if head is None:
+            return data, "application/json", {}
+        return data, "application/octet-stream", {v2binary.HEADER_LENGTH: str(head)}
 
     def json(self) -> str:
-        """Standard JSON only: a non-finite number in an answer is an error on our side, not 'NaN' on the wire."""
-        return json.dumps(self.body, allow_nan=False)
+        return dumps(self.body).decode("utf-8")
 
 
 @dataclass
@@ -78,6 +97,7 @@ class CodecTarget(Protocol):
     spec: ModelSpec
     settings: ServiceSettings
     request_model: type[BaseModel]
+    options_model: type[BaseModel]
     v2_outputs: tuple[V2Output, ...]
     v2_default_outputs: tuple[str, ...]
 
@@ -99,6 +119,10 @@ class Codec:
 
     def encode(self, item: TaskInput, responses: list[BaseModel], target: CodecTarget) -> dict[str, Any]:
         raise NotImplementedError
+
+    def reply(self, item: TaskInput, body: dict[str, Any]) -> Reply:
+        """The 200 reply that carries an encoded answer (a protocol with a binary form says which parts)."""
+        return Reply(200, body)
 
     def error(self, e: RequestError) -> dict[str, Any]:
         """The protocol's error body for a request that could not be answered."""

@@ -1,9 +1,11 @@
 """The KServe v2 (open inference) protocol: one input tensor (FP16/32/64 values in [0, 1], UINT8 0..255, or BYTES
-holding base64 PNG/JPEG), options as request ``parameters``, the task's response fields as named output tensors
-(the task's ``v2_outputs``); errors ``{"error": "<message>"}``.
+holding PNG/JPEG, base64 in JSON), options as request ``parameters``, the task's response fields as named output
+tensors (the task's ``v2_outputs``); errors ``{"error": "<message>"}``.
 
-:meth:`KServeV2Codec.read_request` is the one place a v2 body is read: today a JSON object (parsed by the host or by
-:func:`serving.runtime.codecs.read_body`); the binary tensor data extension plugs in there."""
+The binary tensor data extension (:mod:`serving.runtime.v2binary`), which the standard client uses by default:
+:func:`serving.runtime.codecs.read_body` splits such a body into its JSON header and binary inputs, which
+:meth:`KServeV2Codec.read_request` takes in place of ``data``; outputs asked for in binary (``binary_data_output``
+on the request, ``binary_data`` on an output) are answered as binary data after the JSON header."""
 from __future__ import annotations
 
 from typing import Any
@@ -11,9 +13,10 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from serving.runtime.codecs.base import Codec, CodecTarget, RawRequest, TaskInput, validate
-from serving.runtime.errors import InvalidInput, RequestError
-from serving.runtime.preprocess import image_from_base64, tensor_to_array
+from serving.runtime import v2binary
+from serving.runtime.codecs.base import Codec, CodecTarget, RawRequest, Reply, TaskInput, validate
+from serving.runtime.errors import InvalidInput, RequestError, UnsupportedMediaType
+from serving.runtime.preprocess import decode_image, image_from_base64, sniff_image, tensor_to_array
 from serving.runtime.schemas import V2Request, V2Response, V2Tensor
 
 _FLOAT = {"FP16", "FP32", "FP64"}
@@ -32,40 +35,69 @@ def looks_v2(body: Any) -> bool:
 class KServeV2Codec(Codec):
     name = "v2"
 
-    def read_request(self, raw: RawRequest) -> V2Request:
-        """The request's v2 header, validated. The raw body arrives here as read by the host."""
-        return validate(V2Request, raw.body)
+    def read_request(self, raw: RawRequest) -> tuple[V2Request, dict[int, v2binary.BinaryTensor]]:
+        """The request's v2 header, validated, and its binary inputs by position (empty for a JSON-only body)."""
+        if raw.binary is None and isinstance(raw.body, dict) and isinstance(raw.body.get("inputs"), list):
+            for i, t in enumerate(raw.body["inputs"]):  # JSON-only: the inputs' parameters are checked here
+                what = f"input {t.get('name', i)!r}" if isinstance(t, dict) else f"input {i}"
+                if isinstance(t, dict) and v2binary.binary_size(t, what) is not None:
+                    raise InvalidInput(f"{what} says binary_data_size but the request has no "
+                                       f"{v2binary.HEADER_LENGTH} header")
+        return validate(V2Request, raw.body), raw.binary or {}
 
     def decode(self, raw: RawRequest, target: CodecTarget) -> TaskInput:
-        req = self.read_request(raw)
+        req, binary = self.read_request(raw)
         if len(req.inputs) != 1:
             raise InvalidInput(f"this model takes one input tensor, got {len(req.inputs)}")
-        x = self._images(req.inputs[0], target)
-        opts = target.options(req.parameters or {})
+        x = self._images(req.inputs[0], binary.get(0), target)
+        params = dict(req.parameters or {})
+        binary_default = params.pop("binary_data_output", False)
+        if not isinstance(binary_default, bool):
+            raise InvalidInput(f"binary_data_output must be true or false, got {binary_default!r}")
+        unknown = sorted(set(params) - set(target.options_model.model_fields))
+        if unknown:
+            raise InvalidInput(f"unknown parameter(s) {unknown}; this model takes "
+                               f"{list(target.options_model.model_fields) + list(v2binary.REQUEST_PARAMETERS)}")
+        opts = target.options(params)
         offered = {o.name: o for o in target.v2_outputs}
-        names = [o.name for o in req.outputs] if req.outputs else list(target.v2_default_outputs)
+        if req.outputs:
+            names = [o.name for o in req.outputs]
+            binary_out = tuple(o.name for o in req.outputs if v2binary.output_wants_binary(
+                o.parameters, binary_default, f"output {o.name!r}"))
+        else:
+            names = list(target.v2_default_outputs)
+            binary_out = tuple(names) if binary_default else ()
         bad = sorted(set(names) - set(offered))
         if bad:
             raise InvalidInput(f"unknown output(s) {bad}; this model offers {list(offered)}")
         return TaskInput(x, opts, frozenset(offered[n].field for n in names), self,
-                         meta={"outputs": names, "id": req.id})
+                         meta={"outputs": names, "id": req.id, "binary": binary_out})
 
     @staticmethod
-    def _images(t: V2Tensor, target: CodecTarget) -> np.ndarray:
+    def _images(t: V2Tensor, binary: "v2binary.BinaryTensor | None", target: CodecTarget) -> np.ndarray:
         s = target.settings
         limit = s.max_images_per_request
+        data = t.data if binary is None else binary
+        if data is None:
+            raise InvalidInput(f"input {t.name!r}: no 'data' and no parameters.binary_data_size")
         if t.datatype == "BYTES":
-            if len(t.data) > limit:
-                raise RequestError(f"{len(t.data)} images in one request; the limit is {limit}", status=413,
+            if len(data) > limit:
+                raise RequestError(f"{len(data)} images in one request; the limit is {limit}", status=413,
                                    code="payload_too_large")
-            if not t.data or any(not isinstance(d, str) for d in t.data):
-                raise InvalidInput(f"input {t.name!r}: BYTES data must be base64-encoded PNG/JPEG strings")
-            if int(np.prod(t.shape)) != len(t.data):
-                raise InvalidInput(f"input {t.name!r}: shape {t.shape} does not match {len(t.data)} elements")
-            return np.stack([image_from_base64(d, target.spec, max_bytes=s.max_image_bytes,
-                                               max_pixels=s.max_image_pixels) for d in t.data])
+            kind = str if binary is None else bytes
+            if not len(data) or any(not isinstance(d, kind) for d in data):
+                raise InvalidInput(f"input {t.name!r}: BYTES data must be base64-encoded PNG/JPEG strings "
+                                   f"(as binary data: the PNG/JPEG bytes)")
+            if int(np.prod(t.shape)) != len(data):
+                raise InvalidInput(f"input {t.name!r}: shape {t.shape} does not match {len(data)} elements")
+            limits = dict(max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+            if binary is None:
+                return np.stack([image_from_base64(d, target.spec, **limits) for d in data])
+            if any(sniff_image(d) is None for d in data):
+                raise UnsupportedMediaType(f"input {t.name!r}: a BYTES element does not hold a PNG or JPEG")
+            return np.stack([decode_image(d, target.spec, **limits) for d in data])
         if t.datatype in _FLOAT or t.datatype == "UINT8":
-            return tensor_to_array(t.data, t.shape, "uint8" if t.datatype == "UINT8" else "float32", target.spec,
+            return tensor_to_array(data, t.shape, "uint8" if t.datatype == "UINT8" else "float32", target.spec,
                                    max_images=limit, what=f"input {t.name!r}")
         raise InvalidInput(f"input {t.name!r}: datatype {t.datatype} is not accepted; use FP32 (values in "
                            f"[0, 1]), UINT8 (0..255) or BYTES (base64 PNG/JPEG)")
@@ -82,6 +114,9 @@ class KServeV2Codec(Codec):
             tensors.append(V2Tensor(name=name, shape=[len(rows), len(rows[0])], datatype=out.datatype, data=data))
         return V2Response(model_name=target.name, model_version=target.version, id=item.meta.get("id"),
                           outputs=tensors).model_dump(exclude_none=True)
+
+    def reply(self, item: TaskInput, body: dict[str, Any]) -> Reply:
+        return Reply(200, body, item.meta.get("binary", ()))
 
     def error(self, e: RequestError) -> dict[str, Any]:
         return {"error": e.message}

@@ -1,0 +1,202 @@
+"""Gallery search: per-query latency of the serving index (:class:`~serving.runtime.index.RetrievalIndex`), exact
+(``flat``) against HNSW, as the gallery grows, and HNSW's recall@10 against exact search.
+
+Galleries: the embedder's own embeddings of the 10,000 Fashion-MNIST test images, and synthetic galleries of random
+unit vectors of the same dimension (60,000 and 1,000,000 by default). Queries: held-out test images for the real
+gallery, fresh random unit vectors for the synthetic ones. Search runs one query at a time on one thread, as a
+serving worker runs it (plus one batch of 16 queries, per query); building uses the machine's threads. HNSW's
+``efSearch`` is swept upwards and the smallest value that reaches the recall target is reported with the others.
+
+Results JSON: ``benchmarks/results/retrieval_search.json`` (suite ``retrieval-search``); :func:`markdown` renders
+its BENCHMARKS.md section.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Settings:
+    synthetic: tuple[int, ...] = (60_000, 1_000_000)
+    hnsw_max: int = 60_000  # larger galleries: flat only (HNSW's build time here is stated, not paid)
+    queries: int = 200  # per gallery, one at a time
+    k: int = 10
+    recall_target: float = 0.99
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+    embedder_export: Optional[str] = None  # None: an untrained C2F2 (512-d)
+    seed: int = 0
+    out: str = "benchmarks/results/retrieval_search.json"
+    command: str = "scripts/bench_retrieval.py"
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def random_unit(n: int, d: int, rng: np.random.Generator) -> np.ndarray:
+    """n random unit vectors [n, d], made in chunks so 1M x 512 needs no float64 copy."""
+    out = np.empty((n, d), np.float32)
+    for s in range(0, n, 100_000):
+        out[s:s + 100_000] = unit(rng.standard_normal((min(100_000, n - s), d), dtype=np.float32))
+    return out
+
+
+def real_gallery(export: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(gallery embeddings of the 10,000 test images, query embeddings of 1,000 training images), unit norm."""
+    from serving.runtime.artifacts import load_manifest
+    from serving.runtime.session import open_session
+    from training.data import load_dataset
+
+    m = load_manifest(export)
+    sess = open_session(export, m, threads=os.cpu_count() or 1)
+
+    def embed(x: np.ndarray) -> np.ndarray:
+        return unit(np.concatenate([sess.run(x[s:s + 256]) for s in range(0, len(x), 256)]))
+
+    test = load_dataset("fashion-mnist", "test").images.numpy().astype(np.float32) / 255
+    train = load_dataset("fashion-mnist", "train").images[:1000].numpy().astype(np.float32) / 255
+    return embed(test), embed(train)
+
+
+def per_query(index, queries: np.ndarray, k: int) -> dict[str, float]:
+    """Latency of one query at a time (p50, p99, mean in ms) and of one batch of 16, per query."""
+    for q in queries[:5]:
+        index.search(q[None], k)
+    lat = []
+    for q in queries:
+        t = time.perf_counter()
+        index.search(q[None], k)
+        lat.append(time.perf_counter() - t)
+    lat.sort()
+    t = time.perf_counter()
+    index.search(queries[:16], k)
+    batch = (time.perf_counter() - t) / 16
+    return {"p50_ms": round(1000 * lat[len(lat) // 2], 3), "p99_ms": round(1000 * lat[int(0.99 * len(lat))], 3),
+            "mean_ms": round(1000 * float(np.mean(lat)), 3), "batch16_per_query_ms": round(1000 * batch, 3)}
+
+
+def recall(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean fraction of the exact top-k found, [N, k] positions each."""
+    return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact)]))
+
+
+def bench_gallery(name: str, gallery: np.ndarray, queries: np.ndarray, s: Settings) -> dict[str, Any]:
+    import faiss
+
+    from serving.runtime.index import RetrievalIndex
+
+    n = len(gallery)
+    ids, labels = [str(i) for i in range(n)], np.zeros(n, np.int64)
+    row: dict[str, Any] = {"gallery": name, "size": n, "dim": int(gallery.shape[1]), "queries": len(queries)}
+    t = time.perf_counter()
+    flat = RetrievalIndex.build(gallery, ids, labels, kind="flat")
+    row["flat_build_s"] = round(time.perf_counter() - t, 2)
+    faiss.omp_set_num_threads(1)
+    row["flat"] = per_query(flat, queries, s.k)
+    _, exact = flat.search(queries, s.k)
+    log.info("%s flat: %s", name, row["flat"])
+    del flat
+    if n > s.hnsw_max:
+        row["hnsw"] = None
+        return row
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    t = time.perf_counter()
+    hnsw = RetrievalIndex.build(gallery, ids, labels, kind="hnsw", hnsw_m=s.hnsw_m,
+                                ef_construction=s.ef_construction)
+    row["hnsw_build_s"] = round(time.perf_counter() - t, 2)
+    faiss.omp_set_num_threads(1)
+    sweep = []
+    for ef in s.ef_search:
+        hnsw.index.hnsw.efSearch = ef
+        _, found = hnsw.search(queries, s.k)
+        point = {"ef_search": ef, "recall_at_10": round(recall(found, exact), 4), **per_query(hnsw, queries, s.k)}
+        log.info("%s hnsw ef=%d: %s", name, ef, point)
+        sweep.append(point)
+        if point["recall_at_10"] >= s.recall_target:
+            break
+    row["hnsw"] = sweep
+    return row
+
+
+def run(s: Settings) -> dict[str, Any]:
+    import tempfile
+
+    import faiss
+
+    rng = np.random.default_rng(s.seed)
+    with tempfile.TemporaryDirectory(prefix="bench-search-") as work:
+        if s.embedder_export:
+            export = Path(s.embedder_export)
+        else:
+            from serving.bench.load import untrained_export
+
+            export = untrained_export(Path(work), "c2f2")
+        gallery, queries = real_gallery(export)
+    rows = [bench_gallery("Fashion-MNIST test embeddings", gallery, queries[:s.queries], s)]
+    d = gallery.shape[1]
+    for n in s.synthetic:
+        rows.append(bench_gallery("random unit vectors", random_unit(n, d, rng), random_unit(s.queries, d, rng), s))
+    return {"suite": "retrieval-search", "command": s.command, "rows": rows,
+            "config": {"k": s.k, "queries": s.queries, "recall_target": s.recall_target, "hnsw_m": s.hnsw_m,
+                       "ef_construction": s.ef_construction, "hnsw_max": s.hnsw_max,
+                       "embedder": s.embedder_export or "untrained C2F2", "search_threads": 1},
+            "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "faiss": faiss.__version__,
+                        "load_average_before": list(os.getloadavg())}}
+
+
+def markdown(result: dict) -> str:
+    cfg, m = result["config"], result["machine"]
+    lines = [
+        f"Exact (`flat`) and HNSW (M = {cfg['hnsw_m']}, efConstruction = {cfg['ef_construction']}) search through "
+        f"the serving index, k = {cfg['k']}, {cfg['queries']} queries one at a time on {cfg['search_threads']} "
+        f"thread (as a worker runs them), faiss {m['faiss']}, {m['cores']} shared cores (load average "
+        f"{m['load_average_before'][0]:.1f} before the run). Recall@10 is against exact search on the same "
+        f"queries; efSearch is raised until it reaches {cfg['recall_target']}. Embedder: {cfg['embedder']}.",
+        "",
+        "| gallery | size | dim | flat p50 ms | flat p99 ms | flat ms/query in a batch of 16 | HNSW efSearch | "
+        "HNSW recall@10 | HNSW p50 ms | HNSW p99 ms | HNSW build s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = None
+    for r in result["rows"]:
+        f = r["flat"]
+        h = (r.get("hnsw") or [None])[-1]
+        hcols = (f"{h['ef_search']} | {h['recall_at_10']:.3f} | {h['p50_ms']} | {h['p99_ms']} | {r['hnsw_build_s']}"
+                 if h else "not built (see below) | - | - | - | -")
+        lines.append(f"| {r['gallery']} | {r['size']:,} | {r['dim']} | {f['p50_ms']} | {f['p99_ms']} | "
+                     f"{f['batch16_per_query_ms']} | {hcols} |")
+        base = base or r
+    lines += ["", "Growth of exact search with the gallery (p50 per query, relative to the first row): " + ", ".join(
+        f"{r['size']:,}: x{r['flat']['p50_ms'] / base['flat']['p50_ms']:.1f}" for r in result["rows"]) + "."]
+    sweeps = [r for r in result["rows"] if r.get("hnsw")]
+    if sweeps:
+        lines += ["", "HNSW efSearch sweeps (stopped at the first value reaching the target):", ""]
+        for r in sweeps:
+            lines.append(f"- {r['gallery']}, {r['size']:,}: " + "; ".join(
+                f"ef {p['ef_search']}: recall {p['recall_at_10']:.3f}, p50 {p['p50_ms']} ms" for p in r["hnsw"]))
+    big = [r for r in result["rows"] if r.get("hnsw") is None]
+    if big:
+        lines += ["", "HNSW was not built for " + ", ".join(f"{r['size']:,}" for r in big) +
+                  f" vectors (above `hnsw_max` = {cfg['hnsw_max']:,}): its build time grows about linearly with "
+                  "the gallery (see the build column), too long for this shared machine."]
+    return "\n".join(lines) + "\n"
+
+
+def write(result: dict, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return out
