@@ -29,6 +29,8 @@ SUITES: dict[str, tuple[str, str]] = {
     "train-speed": ("training.bench.train_speed", "Training speed: fp32 eager vs the fast mode"),
     "robust-classifiers": ("training.bench.robust_classifiers", "Robust classifiers (Fashion-MNIST)"),
     "robust-embedders": ("training.bench.robust_embedders", "Robust embedders (Fashion-MNIST)"),
+    "serving": ("serving.bench.load", "Serving: robustserve against the plainest handler"),
+    "retrieval-search": ("serving.bench.search", "Retrieval: exact and HNSW gallery search as the gallery grows"),
 }
 
 _BEGIN = "<!-- generated: {path} -->"
