@@ -95,9 +95,14 @@ def _run_evaluate(cfg) -> int:
 
 
 def _run_export(cfg) -> int:
-    from serving.export import export, summary
+    from serving.export import export
 
-    out = export(cfg)
+    return _print_export(export(cfg))
+
+
+def _print_export(out) -> int:
+    from serving.export import summary
+
     info = summary(out)
     print(f"exported {info['name']} to {out}")
     for name, f in info["files"].items():
@@ -200,6 +205,64 @@ def _run_demo(cfg) -> int:
     return run_demo(cfg)
 
 
+def _zoo_root(name: str):
+    def load():
+        from serving.zoo import commands
+
+        return getattr(commands, name)
+
+    return load
+
+
+def _run_zoo_list(cfg) -> int:
+    from serving.zoo.commands import list_models
+
+    rows = list_models(cfg)
+    if not rows:
+        print(f"no models in {cfg.zoo_dir}")
+    for r in rows:
+        print(f"{r['name']:28s} {r['task']:14s} {r['arch']}/{r['method']}: {r['headline']}"
+              + (f"  [{r['budget_note']}]" if r["budget_note"] else ""))
+    return 0
+
+
+def _run_zoo_show(cfg) -> int:
+    from serving.zoo.commands import show
+
+    print(show(cfg), end="")
+    return 0
+
+
+def _run_zoo_export(cfg) -> int:
+    from serving.zoo.commands import export
+
+    return _print_export(export(cfg))
+
+
+def _run_zoo_serve(cfg) -> int:
+    from serving.zoo.commands import prepare_serve
+
+    return _run_serve(prepare_serve(cfg))
+
+
+def _run_zoo_verify(cfg) -> int:
+    from serving.zoo.commands import verify
+
+    ok, lines = verify(cfg)
+    print("\n".join(lines))
+    print("verified: every judged figure lies inside the card's 95 % interval" if ok else
+          "FAILED: a figure falls outside the card's 95 % interval")
+    return 0 if ok else 1
+
+
+def _run_zoo_add(cfg) -> int:
+    from serving.zoo.commands import add, headline, read_card
+
+    dest = add(cfg)
+    print(f"added {dest}: {headline(read_card(dest))}")
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     help: str
@@ -208,6 +271,9 @@ class Command:
     example: str  # one real invocation, shown in the subcommand's --help and checked by a test
     must_exist: tuple[str, ...] = ()  # dotted keys naming files or folders that must be there (None: not set)
     help_keys: Optional[tuple[str, ...]] = None  # the keys --help lists; None: all
+    # Positional arguments and flags, each filling the config key of its dest after --config and --set:
+    # (dest, argparse keywords, with "flag" naming an option instead of a positional).
+    args: tuple[tuple[str, dict[str, Any]], ...] = ()
 
 
 COMMANDS: dict[str, Command] = {
@@ -243,6 +309,29 @@ COMMANDS: dict[str, Command] = {
                     ("baseline", "candidate")),
     "demo": Command("the main job on the embedded default (Fashion-MNIST)", _demo_root, _run_demo,
                     "robustserve demo --set out_dir=runs/demo"),
+}
+_NAME = (("name", {"metavar": "NAME"}),)
+# `robustserve zoo ACTION`: the model zoo (serving/zoo).
+ZOO: dict[str, Command] = {
+    "list": Command("list the zoo's models with their headline figures", _zoo_root("ZooListConfig"), _run_zoo_list,
+                    "robustserve zoo list --set zoo_dir=zoo"),
+    "show": Command("print a zoo model's card", _zoo_root("ZooShowConfig"), _run_zoo_show,
+                    "robustserve zoo show smallcnn-pgd-at-small --set zoo_dir=zoo", args=_NAME),
+    "export": Command("export a zoo model to TorchScript and ONNX, checked for parity", _zoo_root("ZooExportConfig"),
+                      _run_zoo_export, "robustserve zoo export smallcnn-pgd-at-small --set out_dir=runs/zoo/export",
+                      args=_NAME),
+    "serve": Command("export, archive and serve zoo models in one command (loopback, token auth)",
+                     _zoo_root("ZooServeConfig"), _run_zoo_serve,
+                     "robustserve zoo serve smallcnn-pgd-at-small --set serve.ports.inference=8090",
+                     args=(("names", {"metavar": "NAME", "nargs": "+"}),)),
+    "verify": Command("rerun a card's verification protocol (--full: its headline protocol on the whole test set); "
+                      "exit 1 when a figure falls outside the card's 95 % interval", _zoo_root("ZooVerifyConfig"),
+                      _run_zoo_verify, "robustserve zoo verify smallcnn-pgd-at-small --set num_threads=1",
+                      args=(*_NAME, ("full", {"flag": "--full", "action": "store_true"}))),
+    "add": Command("evaluate a training run folder with the benchmark suite and write it into the zoo with its card",
+                   _zoo_root("ZooAddConfig"), _run_zoo_add,
+                   "robustserve zoo add runs/pgd-at --name smallcnn-pgd-at --set subset=2000", ("run_dir",),
+                   args=(("run_dir", {"metavar": "RUN_DIR"}), ("name", {"flag": "--name", "required": True}))),
 }
 # Keys read from the work folder rather than from the config, for commands that find a running server.
 SERVER_COMMANDS = ("stop", "status", "health")
@@ -351,7 +440,35 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("suite", choices=sorted(BENCHES), help="; ".join(f"{k}: {v[0]}" for k, v in BENCHES.items()))
     _add_config_args(bench, "seed=1")
+    zoo = sub.add_parser("zoo", help="the model zoo: list, show, export, serve, verify, add",
+                         description="the model zoo (zoo/<name>/: weights, spec, card): " + ", ".join(ZOO))
+    zoo_sub = zoo.add_subparsers(dest="action", required=True, parser_class=_LazyHelpParser)
+    for action, cmd in ZOO.items():
+        sp = zoo_sub.add_parser(action, help=cmd.help, description=textwrap.fill(cmd.help, 100), command=cmd,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        for dest, kw in cmd.args:
+            kw = dict(kw)
+            flag = kw.pop("flag", None)
+            if flag:
+                sp.add_argument(flag, dest=dest, **kw)
+            else:
+                sp.add_argument(dest, **kw)
+        _add_config_args(sp, _example_key(cmd.example))
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging, and tracebacks on errors")
     return p
+
+
+def _arg_overrides(cmd: Command, args: argparse.Namespace) -> list[str]:
+    """A command's positionals and flags as ``key=value`` overrides (JSON values are YAML), applied after the
+    --set ones; an unset flag leaves its key alone."""
+    out = []
+    for dest, kw in cmd.args:
+        value = getattr(args, dest)
+        if value is None or (kw.get("action") == "store_true" and not value):
+            continue
+        out.append(f"{dest}={json.dumps(value)}")
+    return out
 
 
 def _at(cfg: BaseModel, dotted: str) -> Any:
@@ -370,7 +487,7 @@ def preflight(command: str, cfg: BaseModel) -> None:
     for key, name in devices:
         if isinstance(name, str):
             _check_device(key, name)
-    cmd = COMMANDS.get(command)
+    cmd = ZOO.get(command.removeprefix("zoo ")) if command.startswith("zoo ") else COMMANDS.get(command)
     for key in (cmd.must_exist if cmd else ()):
         value = _at(cfg, key)
         if value is not None and not Path(str(value)).exists():
@@ -422,11 +539,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     name = args.command
     try:
+        overrides = list(args.overrides)
         if name == "bench":
             root_cls, runner = BENCHES[args.suite][1]()
+        elif name == "zoo":
+            cmd = ZOO[args.action]
+            name = f"zoo {args.action}"
+            runner, root_cls = cmd.runner, cmd.root()
+            overrides += _arg_overrides(cmd, args)
         else:
             runner, root_cls = COMMANDS[name].runner, COMMANDS[name].root()
-        cfg = load_config(root_cls, args.config, args.overrides)
+        cfg = load_config(root_cls, args.config, overrides)
         preflight(name, cfg)
     except ConfigError as e:
         print(f"robustserve {name}: {e}", file=sys.stderr)

@@ -366,7 +366,8 @@ def _evaluation_summary(cfg: ExportConfig, ckpt_path: Path) -> Optional[Evaluati
         return None
     report = json.loads(path.read_text())
     src = report.get("checkpoint")
-    if src and Path(src).resolve() != ckpt_path.resolve():
+    # A report may name its checkpoint relative to itself (a zoo entry does, so the entry can move).
+    if src and ckpt_path.resolve() not in (Path(src).resolve(), (path.parent / src).resolve()):
         raise ValueError(f"{path} evaluates {src}, not {ckpt_path}")
     if not cfg.evaluation and path.stat().st_mtime < ckpt_path.stat().st_mtime:
         log.warning("%s is older than the checkpoint; leaving its figures out of spec.json", path)

@@ -8,9 +8,14 @@ A checkpoint is a ``torch.save`` dict:
   epoch:      epochs completed
   optimizer, scheduler, method_state, rng: present in ``last.pt`` for resuming
   metrics:    latest evaluation figures (dict)
+
+The weights-only form (the model zoo's): ``<name>.pt`` holds the state_dict alone, read with
+``torch.load(weights_only=True)``, and ``<name>.json`` beside it holds everything else above as plain data
+(spec, arch_options, config, epoch, metrics). :func:`load_checkpoint` reads both forms.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -54,7 +59,26 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     problem = checkpoint_problem(path)
     if problem is not None:
         raise (FileNotFoundError if not path.exists() else ValueError)(f"checkpoint {problem}")
+    meta = weights_only_meta(path)
+    if meta.is_file():
+        return {**json.loads(meta.read_text()),
+                "model": torch.load(path, map_location=map_location, weights_only=True)}
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def weights_only_meta(path: str | Path) -> Path:
+    """The plain-data half of a weights-only checkpoint ``path``: ``<stem>.json`` beside it."""
+    return Path(path).with_suffix(".json")
+
+
+def save_weights_only(ckpt: dict, path: str | Path) -> None:
+    """Writes ``ckpt`` (the dict form) as ``path`` (the state_dict, CPU tensors) and ``<stem>.json`` (the rest:
+    spec, arch_options, config, epoch, metrics). Training state (optimizer, rng) is left out."""
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in ckpt["model"].items()}
+    meta = {k: ckpt[k] for k in ("spec", "arch_options", "config", "epoch", "metrics") if k in ckpt}
+    save_atomic(state, path)
+    weights_only_meta(path).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu"):

@@ -1,0 +1,147 @@
+"""The model zoo: every card matches its weights and renders from its JSON; every model loads weights-only, exports
+with parity and passes ``zoo verify`` (its card's verification protocol); ``zoo add`` writes an entry from a run
+folder, and verification fails when an entry's weights are not the ones its card measured."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from serving.cli import main
+from serving.zoo.card import CARD_JSON, CARD_MD, budget_label, render_markdown
+from serving.zoo.commands import (
+    ZooAddConfig,
+    ZooExportConfig,
+    ZooVerifyConfig,
+    add,
+    export,
+    load,
+    names,
+    read_card,
+    verify,
+)
+from tests.unit.serving.builders import write_untrained_checkpoint
+
+REPO = Path(__file__).resolve().parents[3]
+ZOO = REPO / "zoo"
+MODELS = names(ZOO)
+CLASSIFIERS = [n for n in MODELS if read_card(ZOO / n)["task"] == "classification"]
+
+
+def test_the_zoo_holds_models():
+    assert MODELS, f"no model cards under {ZOO}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_card_hash_matches_weights(name):
+    card = read_card(ZOO / name)
+    weights = ZOO / name / card["weights"]["file"]
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == card["weights"]["sha256"]
+    assert weights.stat().st_size == card["weights"]["bytes"]
+    assert weights.stat().st_size < 8 << 20, "zoo weights should be a few MB at most"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_card_renders_from_its_json(name):
+    card = read_card(ZOO / name)
+    assert (ZOO / name / CARD_MD).read_text() == render_markdown(card)
+    for plot in card["plots"].values():
+        assert (ZOO / name / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if card["task"] == "classification":
+        assert "robustness_curve" in card["plots"]
+    else:
+        assert "ers_terms" in card["plots"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_weights_load_weights_only(name):
+    card = read_card(ZOO / name)
+    state = torch.load(ZOO / name / card["weights"]["file"], weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    model, spec, _ = load(ZOO, name)
+    assert spec.arch == card["arch"] and spec.method == card["method"]
+    assert set(model.state_dict()) == set(state)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_exports_with_parity_and_verifies(name, tmp_path):
+    out = export(ZooExportConfig(zoo_dir=str(ZOO), name=name, out_dir=str(tmp_path / "export")))
+    manifest = json.loads((out / "spec.json").read_text())
+    card = read_card(ZOO / name)
+    for checks in manifest["parity"]["checks"].values():
+        assert all(c["max_abs_diff"] <= manifest["parity"]["tolerance"] and c["top1_equal"] for c in checks)
+    assert manifest["exported"]["checkpoint_sha256"] == card["weights"]["sha256"]
+    if card["task"] == "classification":  # the card's figures travel into spec.json
+        assert manifest["evaluation"]["clean_accuracy"] == card["evaluation"]["figures"]["clean"]["value"]
+    ok, lines = verify(ZooVerifyConfig(zoo_dir=str(ZOO), name=name, out_dir=str(tmp_path / "verify")))
+    assert ok, "\n".join(lines)
+
+
+def test_budget_labels_carry_every_step():
+    assert budget_label({"name": "apgd-t", "steps": 100}, num_classes=10) == "APGD-T-100x9"
+    assert budget_label({"name": "apgd-t", "steps": 50}, num_classes=4) == "APGD-T-50x3"
+    assert budget_label({"name": "apgd-ce", "steps": 100}) == "APGD-CE-100"
+    assert budget_label({"name": "pgd", "steps": 20, "restarts": 5}) == "PGD-20, 5 restarts"
+    assert budget_label({"name": "fgsm", "steps": 1}) == "FGSM"
+
+
+@pytest.fixture(scope="module")
+def added(tmp_path_factory):
+    """An entry added from a run folder holding an untrained SmallCNN, on 16 test points."""
+    root = tmp_path_factory.mktemp("zoo")
+    run = root / "run"
+    write_untrained_checkpoint(run / "model.pt")
+    (run / "config.yaml").write_text("method: {name: standard}\n")
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "seconds": 2.5}) + "\n")
+    dest = add(ZooAddConfig(zoo_dir=str(root / "zoo"), run_dir=str(run), name="untrained", subset=16,
+                            sanity_checks=False, verify_subset=16, command="robustserve train ...",
+                            budget_note="untrained"))
+    return root / "zoo", dest
+
+
+def test_add_writes_a_complete_entry(added):
+    zoo, dest = added
+    assert names(zoo) == ["untrained"]
+    card = json.loads((dest / CARD_JSON).read_text())
+    assert (dest / CARD_MD).read_text() == render_markdown(card)
+    assert card["training"]["command"] == "robustserve train ..." and card["training"]["seconds"] == 2.5
+    labels = [a["label"] for a in card["evaluation"]["attacks"]]
+    assert labels[-1] == "APGD-T-100x9", labels  # the benchmark suite's budgets, not the verification's
+    assert card["evaluation"]["n"] == 16 and card["verification"]["n"] == 16
+    for f in card["evaluation"]["figures"].values():
+        assert f["ci95"][0] <= f["value"] <= f["ci95"][1]
+    assert json.loads((dest / "evaluation.json").read_text())["checkpoint"] == "model.pt"
+    with pytest.raises(FileExistsError):
+        add(ZooAddConfig(zoo_dir=str(zoo), run_dir=str(dest.parent.parent / "run"), name="untrained"))
+
+
+def test_verify_fails_when_the_weights_are_not_the_carded_ones(added, tmp_path):
+    zoo, dest = added
+    assert verify(ZooVerifyConfig(zoo_dir=str(zoo), name="untrained", out_dir=str(tmp_path / "a")))[0]
+    fake = tmp_path / "zoo"
+    shutil.copytree(dest, fake / "untrained")
+    # Weights changed behind the card's back: refused before any evaluation.
+    trained = read_card(ZOO / CLASSIFIERS[0])
+    shutil.copy(ZOO / CLASSIFIERS[0] / trained["weights"]["file"], fake / "untrained" / "model.pt")
+    with pytest.raises(ValueError, match="SHA-256"):
+        verify(ZooVerifyConfig(zoo_dir=str(fake), name="untrained", out_dir=str(tmp_path / "b")))
+    # A card re-hashed to other weights: the figures no longer lie in its intervals.
+    card = read_card(fake / "untrained")
+    card["weights"].update(sha256=trained["weights"]["sha256"], bytes=trained["weights"]["bytes"])
+    (fake / "untrained" / CARD_JSON).write_text(json.dumps(card))
+    ok, lines = verify(ZooVerifyConfig(zoo_dir=str(fake), name="untrained", out_dir=str(tmp_path / "c")))
+    assert not ok and any("OUTSIDE" in line for line in lines), "\n".join(lines)
+
+
+def test_cli_lists_and_refuses_unknown_names(capsys):
+    assert main(["zoo", "list", "--set", f"zoo_dir={ZOO}"]) == 0
+    out = capsys.readouterr().out
+    assert all(n in out for n in MODELS)
+    assert main(["zoo", "show", "no-such-model", "--set", f"zoo_dir={ZOO}"]) == 1
+    assert "no zoo model 'no-such-model'" in capsys.readouterr().err
+    assert main(["zoo", "verify", MODELS[0], "--full", "--set", f"zoo_dir={ZOO}", "--dry-run"]) == 0
+    assert "full: true" in capsys.readouterr().out
