@@ -2,7 +2,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-unit test-integration bench-classifiers bench-embedders bench-serving clean
+.PHONY: setup demo test test-unit test-integration bench-classifiers bench-embedders bench-serving zoo clean
 
 setup:
 	@./scripts/setup.sh
@@ -30,3 +30,7 @@ bench-classifiers: setup
 
 bench-embedders: setup
 	$(PY) -m serving.cli bench robust-embedders
+
+# Rebuild the model zoo (hours here; see scripts/train_zoo.sh). On a GPU: make zoo ZOO_ARGS="--set device=auto"
+zoo: setup
+	./scripts/train_zoo.sh $(ZOO_ARGS)

@@ -3,7 +3,8 @@
 Train a robust classifier and a robust embedder, evaluate both under attack, export them (TorchScript + ONNX,
 parity-checked), archive them, serve them with TorchServe (loopback, token authorization), send classification
 and retrieval requests over HTTP with the token, probe both models' robustness inside the server, print the
-answers, the probe reports and a few metrics, and stop the server.
+answers, the probe reports and a few metrics, and stop the server. Beside its own small models it serves the model
+zoo's best classifier and embedder (``zoo_models``), so the same requests show a model worth deploying.
 Each model's training method is one config value (``--set classifier.method=trades``,
 ``--set embedder.method=triplet``).
 """
@@ -83,6 +84,21 @@ class DemoConfig(Frozen):
     probe_steps: int = Field(20, ge=1)
     retrieval_probe_n: int = Field(64, ge=2)
     num_threads: Optional[int] = Field(None, ge=1)
+    # Zoo models served beside the demo's own (exported and archived, not retrained or re-evaluated): names, or
+    # None for the zoo's best classifier and best embedder; [] for none.
+    zoo_models: Optional[tuple[str, ...]] = None
+    zoo_dir: str = "zoo"
+
+
+def _zoo_models(cfg: DemoConfig) -> tuple[str, ...]:
+    from serving.zoo.commands import best, entry_dir
+
+    if cfg.zoo_models is not None:
+        for name in cfg.zoo_models:
+            entry_dir(cfg.zoo_dir, name)  # a clear error for a name the zoo lacks
+        return cfg.zoo_models
+    found = (best(cfg.zoo_dir, "classification"), best(cfg.zoo_dir, "embedding"))
+    return tuple(n for n in found if n)
 
 
 def _train_config(m: DemoModel, out: Path, num_threads: Optional[int]):
@@ -136,16 +152,24 @@ def run_demo(cfg: DemoConfig) -> int:
                                     gallery=GalleryConfig(index=cfg.gallery_index)))
         print(f"{mar} ({mar.stat().st_size / 1e6:.1f} MB)")
 
+    from serving.zoo.commands import archive_entry, headline, read_card
+
+    zoo = _zoo_models(cfg)
+    for name in zoo:
+        _stage(f"zoo model {name}: {headline(read_card(Path(cfg.zoo_dir) / name))}; export and archive")
+        mar = archive_entry(cfg.zoo_dir, name, out / "zoo" / name / "export", store, cfg.num_threads)
+        print(f"{mar} ({mar.stat().st_size / 1e6:.1f} MB)")
+
     _stage("serve")
     ports = cfg.ports or _free_ports()
-    serve_cfg = ServeConfig(model_store=str(store), models=tuple(names.values()), workdir=str(out / "serve"),
+    serve_cfg = ServeConfig(model_store=str(store), models=(*names.values(), *zoo), workdir=str(out / "serve"),
                             ports=ports)
     inst = start(serve_cfg)
     try:
         from serving.serve import describe_access
 
         print(describe_access(inst))
-        _talk(inst, names, exports, cfg)
+        _talk(inst, names, exports, cfg, zoo)
     finally:
         _stage("stop")
         stop(serve_cfg)
@@ -190,7 +214,8 @@ def _png(a) -> bytes:
     return buf.getvalue()
 
 
-def _talk(inst, names: dict[str, str], exports: dict[str, Path], cfg: DemoConfig) -> None:
+def _talk(inst, names: dict[str, str], exports: dict[str, Path], cfg: DemoConfig, zoo: tuple[str, ...] = ()
+          ) -> None:
     import numpy as np
     import torch
 
@@ -253,6 +278,17 @@ def _talk(inst, names: dict[str, str], exports: dict[str, Path], cfg: DemoConfig
               f"{next((n['distance'] for n in r.body['neighbors'] if n['id'] == own), float('nan')):.3f}) -> "
               f"HTTP {r.status}: {same}/5 other neighbours of its class; nearest "
               + ", ".join(f"{n['id'].rsplit('/', 1)[-1]} {n['label_name']} d={n['distance']:.3f}" for n in hits[:3]))
+
+    for name in zoo:
+        _stage(f"zoo model {name}: the same test images")
+        for img, label, i in zip(x_u8, y, idx.tolist()):
+            r = client.predict(name, _png(img))
+            if "predictions" in r.body:
+                answer = ", ".join(f"{p['label']} {p['probability']:.2f}" for p in r.body["predictions"][:3])
+            else:
+                hits = [n for n in r.body.get("neighbors", []) if n["id"] != f"fashion-mnist/test/{i}"][:5]
+                answer = f"{sum(n['label'] == label for n in hits)}/{len(hits)} nearest neighbours of its class"
+            print(f"  true {classes[label]:12s} -> HTTP {r.status}: {answer}")
 
     from serving.probe import ProbeParams, probe_served, summarize
 

@@ -43,6 +43,7 @@ from serving.zoo.card import (
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
+REPO_ZOO = REPO / "zoo"  # the repository's own zoo (commands default to ./zoo, relative to where they run)
 WEIGHTS = "model.pt"
 SPEC = "model.json"
 EVALUATION = "evaluation.json"
@@ -197,21 +198,41 @@ def export(cfg: ZooExportConfig) -> Path:
 def prepare_serve(cfg: ZooServeConfig) -> ServeConfig:
     """Exports (unless a current export exists) and archives each named zoo model into ``serve.model_store``;
     returns the ServeConfig that serves them beside ``serve.models``."""
-    from serving.archive import ArchiveConfig, archive
-
     if not cfg.names:
         raise ValueError("name the zoo models to serve (see `robustserve zoo list`)")
     for name in cfg.names:
-        path = entry_dir(cfg.zoo_dir, name)
-        card = read_card(path)
-        out = Path(cfg.exports_dir) / name / "export"
-        if not _current_export(out, card):
-            export(ZooExportConfig(zoo_dir=cfg.zoo_dir, name=name, out_dir=str(out), num_threads=cfg.num_threads))
-        mar = archive(ArchiveConfig(export_dir=str(out), name=name, model_store=cfg.serve.model_store,
-                                    overwrite=True))
-        log.info("zoo model %s archived to %s", name, mar)
+        archive_entry(cfg.zoo_dir, name, Path(cfg.exports_dir) / name / "export", cfg.serve.model_store,
+                      cfg.num_threads)
     models = tuple(dict.fromkeys((*cfg.serve.models, *cfg.names))) if cfg.serve.models else cfg.names
     return cfg.serve.model_copy(update={"models": models})
+
+
+def archive_entry(zoo_dir: str | Path, name: str, export_dir: Path, model_store: str | Path,
+                  num_threads: Optional[int] = None) -> Path:
+    """``<model_store>/<name>.mar`` of a zoo model, exported to ``export_dir`` first unless a current export of
+    the same weights is there."""
+    from serving.archive import ArchiveConfig, archive
+
+    card = read_card(entry_dir(zoo_dir, name))
+    if not _current_export(export_dir, card):
+        export(ZooExportConfig(zoo_dir=str(zoo_dir), name=name, out_dir=str(export_dir), num_threads=num_threads))
+    mar = archive(ArchiveConfig(export_dir=str(export_dir), name=name, model_store=str(model_store), overwrite=True))
+    log.info("zoo model %s archived to %s", name, mar)
+    return mar
+
+
+def best(zoo_dir: str | Path, task: str) -> Optional[str]:
+    """The zoo's best model of a task: the highest worst-case accuracy (classifiers) or ERS (embedders), ties
+    to the higher clean accuracy / R@1; None when the zoo has none."""
+    def key(card: dict) -> tuple[float, float]:
+        f = card["evaluation"]["figures"]
+        if task == "classification":
+            return f[WORST]["value"], f["clean"]["value"]
+        return (f.get("ERS") or {}).get("value", -1.0), f["R@1"]["value"]
+
+    cards = [read_card(Path(zoo_dir) / n) for n in names(zoo_dir)]
+    cards = [c for c in cards if c["task"] == task]
+    return max(cards, key=key)["name"] if cards else None
 
 
 def _current_export(out: Path, card: dict) -> bool:

@@ -16,3 +16,14 @@ def test_each_method_is_one_config_value(tmp_path):
 def test_unknown_method_fails_before_any_work():
     with pytest.raises(ConfigError, match="unknown training method"):
         load_config(DemoConfig, None, ["embedder.method=nope"])
+
+
+def test_the_demo_serves_the_zoos_best_models_unless_told_otherwise():
+    from serving.demo import _zoo_models
+    from serving.zoo.commands import REPO_ZOO as ZOO, best
+    
+    found = tuple(n for n in (best(ZOO, "classification"), best(ZOO, "embedding")) if n)
+    assert found and _zoo_models(DemoConfig(zoo_dir=str(ZOO))) == found
+    assert _zoo_models(DemoConfig(zoo_dir=str(ZOO), zoo_models=())) == ()
+    with pytest.raises(FileNotFoundError, match="no zoo model 'nope'"):
+        _zoo_models(DemoConfig(zoo_dir=str(ZOO), zoo_models=("nope",)))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch
 from serving.cli import main
 from serving.zoo.card import CARD_JSON, CARD_MD, budget_label, render_markdown
 from serving.zoo.commands import (
+    REPO_ZOO,
     ZooAddConfig,
     ZooExportConfig,
     ZooVerifyConfig,
@@ -26,8 +26,7 @@ from serving.zoo.commands import (
 )
 from tests.unit.serving.builders import write_untrained_checkpoint
 
-REPO = Path(__file__).resolve().parents[3]
-ZOO = REPO / "zoo"
+ZOO = REPO_ZOO
 MODELS = names(ZOO)
 CLASSIFIERS = [n for n in MODELS if read_card(ZOO / n)["task"] == "classification"]
 
