@@ -61,10 +61,11 @@ def test_model_spec_validation():
 # --- layering: command defaults < --config file < each --set, merged key by key ---------------------------------
 
 def _roots():
-    from serving.cli import BENCHES, COMMANDS
+    from serving.cli import BENCHES, COMMANDS, ZOO
 
     roots = {name: cmd.root() for name, cmd in COMMANDS.items()}
     roots.update({f"bench {name}": loader()[0] for name, (_, loader) in BENCHES.items()})
+    roots.update({f"zoo {name}": loader()[0] for name, (_, loader, _) in ZOO.items()})
     return roots
 
 
