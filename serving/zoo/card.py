@@ -210,6 +210,10 @@ def render_markdown(card: dict) -> str:
         lines += [f"| {c['eps']:g} | {_pct(c['worst_case'])} | {_pct(c['ci95'][0])} - {_pct(c['ci95'][1])} |"
                   for c in ev["curve"]]
         lines.append("")
+    elif ev.get("curve"):
+        lines += ["| eps | R@1 under the embedding-shift attack (%) |", "|---|---|"]
+        lines += [f"| {c['eps']:.4f} | {c['recall_at_1']:.2f} |" for c in ev["curve"]]
+        lines.append("")
     v = card["verification"]
     lines += [
         "## Verification", "",

@@ -99,6 +99,7 @@ class ZooAddConfig(ZooConfig):
     # Headline evaluation: the benchmark suite's attacks, eps and curve, on the first `subset` test points of a
     # permutation seeded `seed` (classifiers) or as many queries (embedders); None: the whole test set.
     subset: Optional[int] = Field(None, ge=1)
+    curve_eps: Optional[tuple[float, ...]] = None  # classifiers' extra curve points; None: the benchmark suite's
     sanity_checks: bool = True
     # The verification protocol `zoo verify` reruns by default.
     verify_subset: int = Field(200, ge=10)
@@ -342,11 +343,15 @@ def add(cfg: ZooAddConfig) -> Path:
         # Headline: the benchmark suite at its budgets.
         head_cfg = _eval_config(train_cfg, {"task": task, "seed": cfg.seed, "eps": bench.get("eps"),
                                             "attacks": bench.get("attacks", ()), "profile": bench.get("profile")},
-                                weights, tmp, cfg.subset, cfg.sanity_checks, bench.get("curve_eps", ()),
+                                weights, tmp, cfg.subset, cfg.sanity_checks,
+                                bench.get("curve_eps", ()) if cfg.curve_eps is None else cfg.curve_eps,
                                 cfg.batch_size, cfg.device, cfg.num_threads)
         report = evaluate(head_cfg)
-        _relocate(report, tmp / EVALUATION)
         evaluation = _record(report, spec.get("num_classes"))
+        if task == "embedding":
+            evaluation["curve"] = report["curve"] = embedder_curve(weights, head_cfg)
+            plot_embedder_curve(evaluation, tmp / CURVE_PNG, title=f"{spec['arch']} / {spec.get('method')}")
+        _relocate(report, tmp / EVALUATION)
         # Verification: the short protocol, measured now on the same weights.
         scratch = tmp / ".verify"
         v_protocol = {"task": task, "seed": cfg.seed, "eps": bench.get("eps"), "profile": bench.get("profile"),
@@ -365,6 +370,55 @@ def add(cfg: ZooAddConfig) -> Path:
         raise
     log.info("added %s to the zoo: %s", cfg.name, headline(card))
     return dest
+
+
+# An embedder's robustness curve: Recall@1 of the stated queries under the embedding-shift (ES) attack at these
+# fractions of its profile's eps (same steps, step scaled alike).
+CURVE_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
+
+
+def embedder_curve(weights: Path, ecfg, fractions: tuple[float, ...] = CURVE_FRACTIONS) -> list[dict[str, float]]:
+    """[{eps, recall_at_1 (%)}] under ES, on the queries and gallery of the evaluation config ``ecfg``."""
+    import torch
+
+    from training.checkpoint import load_model
+    from training.device import resolve_device
+    from training.evaluation.retrieval import PROFILES, attack_suite, default_profile, embed
+    from training.evaluation.run import load_eval_points
+
+    device = resolve_device(ecfg.device)
+    model, spec, _ = load_model(weights, map_location=device)
+    x, y, _ = load_eval_points(ecfg.model_copy(update={"subset": None}), device)  # the gallery: the test set
+    queries = load_eval_points(ecfg, torch.device("cpu"))[2]  # the stated queries' positions in it
+    gallery = embed(model, x)
+    base = PROFILES[ecfg.profile or default_profile(spec.input_size)]
+    out = []
+    for f in fractions:
+        profile = base.model_copy(update={"eps": base.eps * f, "step": base.step * f})
+        raw = attack_suite(model, x, y, queries, profile, attacks=("ES",), seed=ecfg.seed, gallery=gallery)["raw"]
+        out.append({"eps": profile.eps, "recall_at_1": raw["ES:R"]})
+    return out
+
+
+def plot_embedder_curve(record: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = record["curve"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([0.0] + [c["eps"] for c in curve], [record["figures"]["R@1"]["value"]] + [c["recall_at_1"] for c in curve],
+            marker="o", label="R@1 under the embedding-shift attack")
+    ax.set_xlabel("eps (pixel units, [0, 1] images)")
+    ax.set_ylabel("Recall@1 (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{title}: {record['n']} queries (eps 0: benign, all queries)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _bench_protocol(task: str, spec: dict) -> dict[str, Any]:
