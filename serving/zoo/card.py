@@ -5,8 +5,8 @@ A card's measured figures come in *records* (:func:`classifier_record`, :func:`e
 attack budgets and each figure with its 95 % interval. A card holds two: ``evaluation`` (the headline, the
 benchmark suite at its budgets) and ``verification`` (a short, stated protocol that ``zoo verify`` reruns by
 default). Accuracies are fractions in [0, 1] with Wilson intervals; retrieval figures are in % as the retrieval
-evaluation reports them, with a Wilson interval where the figure is a proportion of queries (R@k) and none where
-it is not (mAP@R, the ERS terms).
+evaluation reports them, with a Wilson interval where the figure is a proportion of queries (R@k, and the raw
+figures of ES:R, LTM, GTM and GTT) and none where it is not (mAP@R, NMI, the ERS terms themselves).
 """
 from __future__ import annotations
 
@@ -43,6 +43,17 @@ def _fraction(value: float, n: int) -> dict[str, Any]:
     k = int(round(value * n))
     lo, hi = wilson_interval(k, n)
     return {"value": value, "k": k, "n": n, "ci95": [lo, hi]}
+
+
+# Ranking attacks whose raw figure is the share of queries (in %) with a 0/100 outcome each: ES:R and LTM/GTM
+# (the attacked query's top-1 still of its class), GTT (the original top-1 still in the top 4).
+PROPORTION_ATTACKS = ("ES:R", "LTM", "GTM", "GTT")
+
+
+def _percent(value: float, n: int) -> dict[str, Any]:
+    k = int(round(value / 100 * n))
+    lo, hi = wilson_interval(k, n)
+    return {"value": value, "k": k, "n": n, "ci95": [100 * lo, 100 * hi]}
 
 
 def classifier_record(report: dict, num_classes: Optional[int]) -> dict[str, Any]:
@@ -87,17 +98,17 @@ def embedder_record(report: dict) -> dict[str, Any]:
     gallery = int(report["gallery"])
     figures: dict[str, Any] = {}
     for key, value in report["benign"].items():
-        entry: dict[str, Any] = {"value": value, "n": gallery, "ci95": None}
-        if key.startswith("R@"):  # a proportion of the queries, in %
-            k = int(round(value / 100 * gallery))
-            lo, hi = wilson_interval(k, gallery)
-            entry.update(k=k, ci95=[100 * lo, 100 * hi])
-        figures[key] = entry
+        # R@k is a proportion of the queries (in %); mAP, mAP@R and NMI are not.
+        figures[key] = _percent(value, gallery) if key.startswith("R@") else {"value": value, "n": gallery,
+                                                                              "ci95": None}
     terms = report.get("terms") or {}
     raw = report.get("attacks") or {}
     queries = int(report["queries"])
     for key, value in terms.items():
         figures[f"ERS term {key}"] = {"value": value, "raw": raw.get(key), "n": queries, "ci95": None}
+    for key in PROPORTION_ATTACKS:
+        if raw.get(key) is not None:  # in %, one 0/100 outcome per query: a Wilson interval applies
+            figures[f"{key} (% of queries)"] = _percent(raw[key], queries)
     if report.get("ERS") is not None:
         figures["ERS"] = {"value": report["ERS"], "n": queries, "ci95": None}
     profile = report.get("profile") or {}
