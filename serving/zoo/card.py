@@ -6,7 +6,8 @@ attack budgets and each figure with its 95 % interval. A card holds two: ``evalu
 benchmark suite at its budgets) and ``verification`` (a short, stated protocol that ``zoo verify`` reruns by
 default). Accuracies are fractions in [0, 1] with Wilson intervals; retrieval figures are in % as the retrieval
 evaluation reports them, with a Wilson interval where the figure is a proportion of queries (R@k, and the raw
-figures of ES:R, LTM, GTM and GTT) and none where it is not (mAP@R, NMI, the ERS terms themselves).
+figures of ES:R, LTM, GTM and GTT), +- 1.96 standard errors over the queries for the ERS terms and the ERS, and
+none for mAP, mAP@R and NMI (whole-ranking figures without a per-query spread here).
 """
 from __future__ import annotations
 
@@ -54,6 +55,14 @@ def _percent(value: float, n: int) -> dict[str, Any]:
     k = int(round(value / 100 * n))
     lo, hi = wilson_interval(k, n)
     return {"value": value, "k": k, "n": n, "ci95": [100 * lo, 100 * hi]}
+
+
+def _normal_ci(value: float, se: Optional[float]) -> Optional[list[float]]:
+    """value +- 1.96 standard errors over the queries; None without a standard error or when it is 0 (every query
+    alike: no interval to judge a rerun by)."""
+    if not se:
+        return None
+    return [value - 1.96 * se, value + 1.96 * se]
 
 
 def classifier_record(report: dict, num_classes: Optional[int]) -> dict[str, Any]:
@@ -104,13 +113,15 @@ def embedder_record(report: dict) -> dict[str, Any]:
     terms = report.get("terms") or {}
     raw = report.get("attacks") or {}
     queries = int(report["queries"])
+    se = report.get("terms_se") or {}
     for key, value in terms.items():
-        figures[f"ERS term {key}"] = {"value": value, "raw": raw.get(key), "n": queries, "ci95": None}
+        figures[f"ERS term {key}"] = {"value": value, "raw": raw.get(key), "n": queries,
+                                      "ci95": _normal_ci(value, se.get(key))}
     for key in PROPORTION_ATTACKS:
         if raw.get(key) is not None:  # in %, one 0/100 outcome per query: a Wilson interval applies
             figures[f"{key} (% of queries)"] = _percent(raw[key], queries)
     if report.get("ERS") is not None:
-        figures["ERS"] = {"value": report["ERS"], "n": queries, "ci95": None}
+        figures["ERS"] = {"value": report["ERS"], "n": queries, "ci95": _normal_ci(report["ERS"], report.get("ERS_se"))}
     profile = report.get("profile") or {}
     return {
         "task": "embedding",
@@ -165,7 +176,7 @@ def _figure_rows(record: dict) -> list[str]:
         return lines
     lines = ["| figure | value | 95 % interval | raw attack figure |", "|---|---|---|---|"]
     for key, f in record["figures"].items():
-        ci = f"{f['ci95'][0]:.2f} - {f['ci95'][1]:.2f}" if f.get("ci95") else "n/a (not a proportion)"
+        ci = f"{f['ci95'][0]:.2f} - {f['ci95'][1]:.2f}" if f.get("ci95") else "none"
         raw = f"{f['raw']:.4g}" if isinstance(f.get("raw"), (int, float)) else ""
         lines.append(f"| {key} | {f['value']:.2f} | {ci} | {raw} |")
     return lines

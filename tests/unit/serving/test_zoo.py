@@ -144,3 +144,20 @@ def test_cli_lists_and_refuses_unknown_names(capsys):
     assert "no zoo model 'no-such-model'" in capsys.readouterr().err
     assert main(["zoo", "verify", MODELS[0], "--full", "--set", f"zoo_dir={ZOO}", "--dry-run"]) == 0
     assert "full: true" in capsys.readouterr().out
+
+
+def test_embedder_records_give_intervals_where_the_figures_allow_them():
+    from serving.zoo.card import embedder_record, outside_ci
+
+    terms = {k: 50.0 for k in ("CA+", "CA-", "QA+", "QA-", "TMA", "ES:D", "ES:R", "LTM", "GTM", "GTT")}
+    report = {"task": "embedding", "gallery": 10000, "queries": 100, "points": "queries: first 100",
+              "benign": {"R@1": 80.0, "mAP@R": 40.0}, "attacks": {"ES:R": 50.0, "LTM": 0.0, "CA+": 3.0},
+              "terms": terms, "terms_se": {**{k: 2.0 for k in terms}, "LTM": 0.0}, "ERS": 50.0, "ERS_se": 1.0,
+              "profile": {"name": "rob28", "eps": 0.302, "step": 0.0118, "steps": 32}, "config": {"subset": 100}}
+    rec = embedder_record(report)
+    f = rec["figures"]
+    assert f["R@1"]["ci95"][0] < 80.0 < f["R@1"]["ci95"][1] and f["mAP@R"]["ci95"] is None
+    assert f["ERS term CA+"]["ci95"] == [50.0 - 3.92, 50.0 + 3.92] and f["ERS term LTM"]["ci95"] is None
+    assert f["ES:R (% of queries)"]["k"] == 50 and f["ERS"]["ci95"] == [50.0 - 1.96, 50.0 + 1.96]
+    moved = embedder_record({**report, "benign": {"R@1": 70.0, "mAP@R": 10.0}})
+    assert [b.split(":")[0] for b in outside_ci(rec, moved)] == ["R@1"]  # mAP@R has no interval to leave
