@@ -351,6 +351,8 @@ def add(cfg: ZooAddConfig) -> Path:
         if task == "embedding":
             evaluation["curve"] = report["curve"] = embedder_curve(weights, head_cfg)
             plot_embedder_curve(evaluation, tmp / CURVE_PNG, title=f"{spec['arch']} / {spec.get('method')}")
+        else:
+            plot_classifier_curve(report, tmp / CURVE_PNG, spec)
         _relocate(report, tmp / EVALUATION)
         # Verification: the short protocol, measured now on the same weights.
         scratch = tmp / ".verify"
@@ -398,6 +400,17 @@ def embedder_curve(weights: Path, ecfg, fractions: tuple[float, ...] = CURVE_FRA
         raw = attack_suite(model, x, y, queries, profile, attacks=("ES",), seed=ecfg.seed, gallery=gallery)["raw"]
         out.append({"eps": profile.eps, "recall_at_1": raw["ES:R"]})
     return out
+
+
+def plot_classifier_curve(report: dict, path: Path, spec: dict) -> None:
+    """The evaluation's robustness curve with every attack named by its budget (APGD-T-100x9, not APGD-T)."""
+    from serving.zoo.card import budget_label
+    from training.evaluation.classification import plot_curve
+
+    labels = [budget_label(a, spec.get("num_classes")) for a in report["attacks"]]
+    rows = [{**r, "attacks": dict(zip(labels, r["attacks"].values()))} for r in report["results"]]
+    plot_curve({**report, "results": rows}, path, title=f"{spec['arch']} / {spec.get('method')}: "
+                                                         f"{report['n']} test points")
 
 
 def plot_embedder_curve(record: dict, path: Path, title: str) -> None:

@@ -31,6 +31,15 @@ MODELS = names(ZOO)
 CLASSIFIERS = [n for n in MODELS if read_card(ZOO / n)["task"] == "classification"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The zoo commands run single-threaded here (num_threads=1: on a shared 2-core machine, oversubscribed
+    OpenMP threads cost far more than they give); the process's setting is restored after each test."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def test_the_zoo_holds_models():
     assert MODELS, f"no model cards under {ZOO}"
 
@@ -68,7 +77,7 @@ def test_weights_load_weights_only(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_exports_with_parity_and_verifies(name, tmp_path):
-    out = export(ZooExportConfig(zoo_dir=str(ZOO), name=name, out_dir=str(tmp_path / "export")))
+    out = export(ZooExportConfig(zoo_dir=str(ZOO), name=name, out_dir=str(tmp_path / "export"), num_threads=1))
     manifest = json.loads((out / "spec.json").read_text())
     card = read_card(ZOO / name)
     for checks in manifest["parity"]["checks"].values():
@@ -76,7 +85,7 @@ def test_exports_with_parity_and_verifies(name, tmp_path):
     assert manifest["exported"]["checkpoint_sha256"] == card["weights"]["sha256"]
     if card["task"] == "classification":  # the card's figures travel into spec.json
         assert manifest["evaluation"]["clean_accuracy"] == card["evaluation"]["figures"]["clean"]["value"]
-    ok, lines = verify(ZooVerifyConfig(zoo_dir=str(ZOO), name=name, out_dir=str(tmp_path / "verify")))
+    ok, lines = verify(ZooVerifyConfig(zoo_dir=str(ZOO), name=name, out_dir=str(tmp_path / "verify"), num_threads=1))
     assert ok, "\n".join(lines)
 
 
@@ -90,15 +99,15 @@ def test_budget_labels_carry_every_step():
 
 @pytest.fixture(scope="module")
 def added(tmp_path_factory):
-    """An entry added from a run folder holding an untrained SmallCNN, on 16 test points."""
+    """An entry added from a run folder holding an untrained SmallCNN, on 12 test points, without the curve."""
     root = tmp_path_factory.mktemp("zoo")
     run = root / "run"
     write_untrained_checkpoint(run / "model.pt")
     (run / "config.yaml").write_text("method: {name: standard}\n")
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "seconds": 2.5}) + "\n")
-    dest = add(ZooAddConfig(zoo_dir=str(root / "zoo"), run_dir=str(run), name="untrained", subset=16,
-                            sanity_checks=False, verify_subset=16, command="robustserve train ...",
-                            budget_note="untrained"))
+    dest = add(ZooAddConfig(zoo_dir=str(root / "zoo"), run_dir=str(run), name="untrained", subset=12, curve_eps=(),
+                            sanity_checks=False, verify_subset=12, command="robustserve train ...",
+                            budget_note="untrained", num_threads=1))
     return root / "zoo", dest
 
 
@@ -110,7 +119,7 @@ def test_add_writes_a_complete_entry(added):
     assert card["training"]["command"] == "robustserve train ..." and card["training"]["seconds"] == 2.5
     labels = [a["label"] for a in card["evaluation"]["attacks"]]
     assert labels[-1] == "APGD-T-100x9", labels  # the benchmark suite's budgets, not the verification's
-    assert card["evaluation"]["n"] == 16 and card["verification"]["n"] == 16
+    assert card["evaluation"]["n"] == 12 and card["verification"]["n"] == 12
     for f in card["evaluation"]["figures"].values():
         assert f["ci95"][0] <= f["value"] <= f["ci95"][1]
     assert json.loads((dest / "evaluation.json").read_text())["checkpoint"] == "model.pt"
@@ -120,19 +129,20 @@ def test_add_writes_a_complete_entry(added):
 
 def test_verify_fails_when_the_weights_are_not_the_carded_ones(added, tmp_path):
     zoo, dest = added
-    assert verify(ZooVerifyConfig(zoo_dir=str(zoo), name="untrained", out_dir=str(tmp_path / "a")))[0]
+    assert verify(ZooVerifyConfig(zoo_dir=str(zoo), name="untrained", out_dir=str(tmp_path / "a"), num_threads=1))[0]
     fake = tmp_path / "zoo"
     shutil.copytree(dest, fake / "untrained")
     # Weights changed behind the card's back: refused before any evaluation.
     trained = read_card(ZOO / CLASSIFIERS[0])
     shutil.copy(ZOO / CLASSIFIERS[0] / trained["weights"]["file"], fake / "untrained" / "model.pt")
     with pytest.raises(ValueError, match="SHA-256"):
-        verify(ZooVerifyConfig(zoo_dir=str(fake), name="untrained", out_dir=str(tmp_path / "b")))
+        verify(ZooVerifyConfig(zoo_dir=str(fake), name="untrained", out_dir=str(tmp_path / "b"), num_threads=1))
     # A card re-hashed to other weights: the figures no longer lie in its intervals.
     card = read_card(fake / "untrained")
     card["weights"].update(sha256=trained["weights"]["sha256"], bytes=trained["weights"]["bytes"])
     (fake / "untrained" / CARD_JSON).write_text(json.dumps(card))
-    ok, lines = verify(ZooVerifyConfig(zoo_dir=str(fake), name="untrained", out_dir=str(tmp_path / "c")))
+    ok, lines = verify(ZooVerifyConfig(zoo_dir=str(fake), name="untrained", out_dir=str(tmp_path / "c"),
+                                       num_threads=1))
     assert not ok and any("OUTSIDE" in line for line in lines), "\n".join(lines)
 
 
