@@ -227,11 +227,12 @@ def render_markdown(card: dict) -> str:
     for key, title in (("robustness_curve", "Robustness curve"), ("ers_terms", "ERS terms")):
         if card.get("plots", {}).get(key):
             lines += [f"![{title}]({card['plots'][key]})", ""]
-    if ev["task"] == "classification" and len(ev.get("curve", [])) > 1:
-        lines += ["| eps | worst case (%) | 95 % interval (%) |", "|---|---|---|"]
-        lines += [f"| {c['eps']:g} | {_pct(c['worst_case'])} | {_pct(c['ci95'][0])} - {_pct(c['ci95'][1])} |"
-                  for c in ev["curve"]]
-        lines.append("")
+    if ev["task"] == "classification":
+        if len(ev.get("curve", [])) > 1:
+            lines += ["| eps | worst case (%) | 95 % interval (%) |", "|---|---|---|"]
+            lines += [f"| {c['eps']:g} | {_pct(c['worst_case'])} | {_pct(c['ci95'][0])} - {_pct(c['ci95'][1])} |"
+                      for c in ev["curve"]]
+            lines.append("")
     elif ev.get("curve"):
         lines += ["| eps | R@1 under the embedding-shift attack (%) |", "|---|---|"]
         lines += [f"| {c['eps']:.4f} | {c['recall_at_1']:.2f} |" for c in ev["curve"]]
