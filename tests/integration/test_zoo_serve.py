@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from serving.cli import main
-from serving.client import Client
-from serving.serve import Instance, ServeConfig, stop
+from serving.client import Client, Instance
+from serving.serve import ServeConfig, stop
 from serving.zoo.commands import REPO_ZOO as ZOO, best, load
 from tests.integration.conftest import free_ports
 from tests.unit.serving.builders import encode, sample_images

@@ -65,7 +65,7 @@ def _roots():
 
     roots = {name: cmd.root() for name, cmd in COMMANDS.items()}
     roots.update({f"bench {name}": loader()[0] for name, (_, loader) in BENCHES.items()})
-    roots.update({f"zoo {name}": loader()[0] for name, (_, loader, _) in ZOO.items()})
+    roots.update({f"zoo {name}": cmd.root() for name, cmd in ZOO.items()})
     return roots
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import shutil
 
 import pytest
@@ -144,6 +145,19 @@ def test_verify_fails_when_the_weights_are_not_the_carded_ones(added, tmp_path):
     ok, lines = verify(ZooVerifyConfig(zoo_dir=str(fake), name="untrained", out_dir=str(tmp_path / "c"),
                                        num_threads=1))
     assert not ok and any("OUTSIDE" in line for line in lines), "\n".join(lines)
+
+
+def test_every_zoo_example_is_a_valid_invocation(tmp_path, monkeypatch, capsys):
+    from serving.cli import ZOO
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "pgd-at").mkdir(parents=True)  # the run folder `zoo add`'s example names
+    for action, cmd in ZOO.items():
+        argv = shlex.split(cmd.example)
+        assert argv[:3] == ["robustserve", "zoo", action], cmd.example
+        assert main(argv[1:] + ["--dry-run"]) == 0, (cmd.example, capsys.readouterr().err)
+    assert main(["zoo", "add", "runs/none", "--name", "x", "--dry-run"]) == 2
+    assert "run_dir: runs/none does not exist" in capsys.readouterr().err
 
 
 def test_cli_lists_and_refuses_unknown_names(capsys):
