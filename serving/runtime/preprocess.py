@@ -33,9 +33,24 @@ def sniff_image(data: bytes | bytearray | memoryview) -> str | None:
     return None
 
 
+# Where PIL's getexif() finds an orientation; an image with none of these is upright as stored.
+_ORIENTATION_INFO = frozenset({"exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp"})
+
+
+def to_unit(a: np.ndarray) -> np.ndarray:
+    """uint8 pixels (any shape) -> float32 in [0, 1]; float arrays are returned as they are."""
+    return a.astype(np.float32) / np.float32(255.0) if a.dtype == np.uint8 else a
+
+
 def decode_image(data: bytes | bytearray, spec: ModelSpec, *, max_bytes: int, max_pixels: int) -> np.ndarray:
     """PNG/JPEG bytes -> float32 [C, H, W] in [0, 1]: converted to the spec's channels (grayscale or RGB),
     EXIF orientation applied, resized to the spec's input size when it differs (bilinear)."""
+    return to_unit(decode_image_u8(data, spec, max_bytes=max_bytes, max_pixels=max_pixels))
+
+
+def decode_image_u8(data: bytes | bytearray, spec: ModelSpec, *, max_bytes: int, max_pixels: int) -> np.ndarray:
+    """:func:`decode_image` before the scaling to [0, 1]: uint8 [C, H, W], so a batch is scaled in one operation
+    (:func:`to_unit`)."""
     if len(data) > max_bytes:
         raise PayloadTooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}")
     if len(data) == 0:
@@ -54,7 +69,8 @@ def decode_image(data: bytes | bytearray, spec: ModelSpec, *, max_bytes: int, ma
             if w * h > max_pixels:
                 raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
             img.load()
-            img = ImageOps.exif_transpose(img)
+            if not _ORIENTATION_INFO.isdisjoint(img.info):  # exif_transpose copies even an upright image
+                img = ImageOps.exif_transpose(img)
             return _to_array(img, spec)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise PayloadTooLarge(f"image too large: {e}") from None
@@ -70,21 +86,17 @@ def _to_array(img: Image.Image, spec: ModelSpec) -> np.ndarray:
         a = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") else max(1.0, float(a.max()))
         img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if spec.channels == 1:
-        img = img.convert("L")
-    elif spec.channels == 3:
-        img = img.convert("RGB")
+    if spec.channels in (1, 3):
+        mode = "L" if spec.channels == 1 else "RGB"
+        if img.mode != mode:
+            img = img.convert(mode)
     else:
         raise InvalidInput(f"this model takes {spec.channels}-channel inputs: send a tensor, not an image")
     h, w = spec.input_size
     if img.size != (w, h):
         img = img.resize((w, h), Image.BILINEAR)
     a = np.asarray(img, dtype=np.uint8)
-    if a.ndim == 2:
-        a = a[None]
-    else:
-        a = a.transpose(2, 0, 1)
-    return a.astype(np.float32) / np.float32(255.0)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
 def decode_base64(s: str, max_bytes: int) -> bytes:
@@ -106,10 +118,16 @@ def decode_base64(s: str, max_bytes: int) -> bytes:
 
 
 def image_from_base64(s: str, spec: ModelSpec, *, max_bytes: int, max_pixels: int) -> np.ndarray:
+    """Base64 PNG/JPEG -> float32 [C, H, W] in [0, 1] (see :func:`decode_image`)."""
+    return to_unit(image_from_base64_u8(s, spec, max_bytes=max_bytes, max_pixels=max_pixels))
+
+
+def image_from_base64_u8(s: str, spec: ModelSpec, *, max_bytes: int, max_pixels: int) -> np.ndarray:
+    """Base64 PNG/JPEG -> uint8 [C, H, W] (see :func:`decode_image_u8`)."""
     data = decode_base64(s, max_bytes)
     if sniff_image(data) is None:
         raise UnsupportedMediaType("'image' does not hold a PNG or JPEG")
-    return decode_image(data, spec, max_bytes=max_bytes, max_pixels=max_pixels)
+    return decode_image_u8(data, spec, max_bytes=max_bytes, max_pixels=max_pixels)
 
 
 def expected_shape(spec: ModelSpec) -> tuple[int, int, int]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, ValidationError
 
 from serving.runtime import v2binary
@@ -38,8 +39,17 @@ class RawRequest:
 
 def dumps(doc: Any) -> bytes:
     """The JSON encoder of answers (UTF-8 bytes). Standard JSON only: a non-finite number in an answer is an error
-    on our side, not 'NaN' on the wire."""
-    return json.dumps(doc, allow_nan=False).encode("utf-8")
+    on our side (ValueError), not 'NaN' on the wire.
+
+    orjson encodes ~20x faster than the standard library, but writes NaN and infinities as null: an answer with a
+    null in it (or one orjson refuses) is encoded again by the standard encoder, which decides."""
+    try:
+        out = orjson.dumps(doc, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        out = b"null"
+    if b"null" in out:
+        return json.dumps(doc, allow_nan=False).encode("utf-8")
+    return out
 
 
 @dataclass
@@ -63,7 +73,8 @@ class Reply:
 class TaskInput:
     """A decoded request, whatever protocol it came in: the task's typed input.
 
-    x: float32 [N, C, H, W] in [0, 1] (N images of one request; the native protocol carries one);
+    x: float32 [N, C, H, W] in [0, 1], or uint8 [N, C, H, W] 0..255 (decoded images, scaled with the whole batch)
+       (N images of one request; the native protocol carries one);
     options: the task's options, validated and completed with the service's defaults;
     fields: the response fields the client asked for (names of the task's response model);
     codec: the codec that decoded the request and will encode its answer;

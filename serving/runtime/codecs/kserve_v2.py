@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from serving.runtime import v2binary
 from serving.runtime.codecs.base import Codec, CodecTarget, RawRequest, Reply, TaskInput, validate
 from serving.runtime.errors import InvalidInput, RequestError, UnsupportedMediaType
-from serving.runtime.preprocess import decode_image, image_from_base64, sniff_image, tensor_to_array
+from serving.runtime.preprocess import decode_image_u8, image_from_base64_u8, sniff_image, tensor_to_array
 from serving.runtime.schemas import V2Request, V2Response, V2Tensor
 
 _FLOAT = {"FP16", "FP32", "FP64"}
@@ -92,10 +92,10 @@ class KServeV2Codec(Codec):
                 raise InvalidInput(f"input {t.name!r}: shape {t.shape} does not match {len(data)} elements")
             limits = dict(max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
             if binary is None:
-                return np.stack([image_from_base64(d, target.spec, **limits) for d in data])
+                return np.stack([image_from_base64_u8(d, target.spec, **limits) for d in data])
             if any(sniff_image(d) is None for d in data):
                 raise UnsupportedMediaType(f"input {t.name!r}: a BYTES element does not hold a PNG or JPEG")
-            return np.stack([decode_image(d, target.spec, **limits) for d in data])
+            return np.stack([decode_image_u8(d, target.spec, **limits) for d in data])
         if t.datatype in _FLOAT or t.datatype == "UINT8":
             return tensor_to_array(data, t.shape, "uint8" if t.datatype == "UINT8" else "float32", target.spec,
                                    max_images=limit, what=f"input {t.name!r}")

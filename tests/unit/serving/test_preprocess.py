@@ -134,3 +134,22 @@ def test_bad_tensors(values, shape, dtype, match):
 def test_too_many_images_in_a_tensor():
     with pytest.raises(PayloadTooLarge):
         tensor_to_array([0.0] * 784 * 5, [5, 1, 28, 28], "float32", GRAY, max_images=4)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_exif_orientation_applied_and_upright_images_untouched(fmt):
+    from serving.runtime.preprocess import decode_image_u8
+
+    a = np.zeros((28, 28), np.uint8)
+    a[:, :14] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 3  # Orientation: rotated 180 degrees
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, fmt, exif=exif.tobytes(), **({"quality": 100} if fmt == "JPEG" else {}))
+    rotated = decode_image_u8(buf.getvalue(), GRAY, **LIMITS)[0]
+    assert rotated[:, 20:].mean() > 200 and rotated[:, :8].mean() < 50  # the white half is now on the right
+    plain = encode(a, fmt, **({"quality": 100} if fmt == "JPEG" else {}))
+    upright = decode_image_u8(plain, GRAY, **LIMITS)[0]
+    assert upright[:, :8].mean() > 200 and upright.dtype == np.uint8
+    # The float form is the uint8 form scaled, nothing else.
+    np.testing.assert_array_equal(decode_image(plain, GRAY, **LIMITS), upright[None] / np.float32(255))
