@@ -307,10 +307,16 @@ def measure(s: Settings, inst, work: Path, png: Path) -> dict[str, Any]:
     return result
 
 
+def worker_ms(r: dict, per: str = "req_per_s") -> float:
+    """The worker's CPU milliseconds per request (or per image): what the handler costs, whatever else the
+    machine is doing."""
+    return 10 * r["cpu_pct"].get("worker", 0) / r[per]
+
+
 def _row(r: dict) -> str:
     cpu = r["cpu_pct"]
     return (f"{r['req_per_s']:,.1f} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {cpu.get('worker', 0):.0f} | "
-            f"{cpu.get('frontend', 0):.0f} | {cpu.get('client', 0):.0f}")
+            f"{worker_ms(r):.3f} | {cpu.get('frontend', 0):.0f} | {cpu.get('client', 0):.0f}")
 
 
 def markdown(result: dict) -> str:
@@ -323,31 +329,35 @@ def markdown(result: dict) -> str:
         f"the run), plain and ours alternating point by point. Load generator: hey (closed loop), the same 28 x 28 "
         f"PNG with the token. Classifier: {cfg['classifier']}. CPU in % of one core.",
         "",
-        "| handler | concurrency | req/s | p50 ms | p99 ms | errors | worker CPU % | frontend CPU % | hey CPU % |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| handler | concurrency | req/s | p50 ms | p99 ms | errors | worker CPU % | worker CPU ms/request | "
+        "frontend CPU % | hey CPU % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for plain, ours in zip(single[PLAIN], single[OURS]):
         lines.append(f"| plain | {plain['concurrency']} | {_row(plain)} |")
         lines.append(f"| robustserve | {ours['concurrency']} | {_row(ours)} |")
-    lines += ["", "| concurrency | req/s ours / plain | p50 ours / plain | p99 ours / plain |", "|---|---|---|---|"]
+    lines += ["", "| concurrency | req/s ours / plain | p50 ours / plain | p99 ours / plain | "
+                  "worker CPU per request ours / plain |", "|---|---|---|---|---|"]
     for plain, ours in zip(single[PLAIN], single[OURS]):
         lines.append(f"| {plain['concurrency']} | {ours['req_per_s'] / plain['req_per_s']:.2f} | "
-                     f"{ours['p50_ms'] / plain['p50_ms']:.2f} | {ours['p99_ms'] / plain['p99_ms']:.2f} |")
+                     f"{ours['p50_ms'] / plain['p50_ms']:.2f} | {ours['p99_ms'] / plain['p99_ms']:.2f} | "
+                     f"{worker_ms(ours) / worker_ms(plain):.2f} |")
     multi = result.get("multi_image") or []
     if multi:
         c = multi[0]["concurrency"]
         ref = next((r for r in single[OURS] if r["concurrency"] == c), None)
         lines += ["", f"Multi-image KServe v2 requests (binary tensor data, as tritonclient sends them), "
                       f"concurrency {c}:", "",
-                  "| images per request | req/s | images/s | p50 ms | p99 ms | errors | x single-image rate |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| images per request | req/s | images/s | p50 ms | p99 ms | errors | x single-image rate | "
+                  "worker CPU ms/image |", "|---|---|---|---|---|---|---|---|"]
         for r in multi:
             x = f"{r['images_per_s'] / ref['req_per_s']:.1f}" if ref else "-"
             lines.append(f"| {r['images_per_request']} | {r['req_per_s']:,.1f} | {r['images_per_s']:,.0f} | "
-                         f"{r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {x} |")
+                         f"{r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {x} | "
+                         f"{worker_ms(r, 'images_per_s'):.3f} |")
         if ref:
             lines.append(f"| 1 (PNG body, same concurrency) | {ref['req_per_s']:,.1f} | {ref['req_per_s']:,.0f} | "
-                         f"{ref['p50_ms']} | {ref['p99_ms']} | {ref['errors']} | 1.0 |")
+                         f"{ref['p50_ms']} | {ref['p99_ms']} | {ref['errors']} | 1.0 | {worker_ms(ref):.3f} |")
     prof = result.get("profile")
     if prof:
         lines += ["", f"Where robustserve's worker spends its busy time at concurrency {prof['concurrency']} (py-spy, "
@@ -358,8 +368,8 @@ def markdown(result: dict) -> str:
     ret = result.get("retrieval") or []
     if ret:
         lines += ["", f"Retrieval handler ({cfg['embedder']}; exact search, k = 10), PNG bodies:", "",
-                  "| concurrency | req/s | p50 ms | p99 ms | errors | worker CPU % | frontend CPU % | hey CPU % |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| concurrency | req/s | p50 ms | p99 ms | errors | worker CPU % | worker CPU ms/request | "
+                  "frontend CPU % | hey CPU % |", "|---|---|---|---|---|---|---|---|---|"]
         for r in ret:
             lines.append(f"| {r['concurrency']} | {_row(r)} |")
     return "\n".join(lines) + "\n"
