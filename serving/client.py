@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
+from serving.tokens import is_invalid_key
+
 KEY_FILE = "key_file.json"
 PROBE_KEY_FILE = "probe_key.json"
 PROBE_DIR = "probes"
@@ -104,14 +106,24 @@ class Instance:
         """Where this machine reaches the ``inference``, ``management`` or ``metrics`` listener."""
         return reachable_url(self.address(api))
 
-    def keys(self) -> dict[str, str]:
+    def keys(self, refused: Optional[dict[str, str]] = None) -> dict[str, str]:
         """{"inference": key, "management": key} or {} when token auth is off or the file is not there yet.
-        The one place keys are read: everything that sends one calls this (or :meth:`headers`)."""
+        The one place keys are read: everything that sends one calls this (or :meth:`headers`). A key close to
+        its expiry, or one in ``refused`` ({api: key} the server refused), is renewed first through the server's
+        token API, so callers keep working for as long as the server runs."""
+        from serving.tokens import current_keys
+
+        return current_keys(self.key_file, self.url("management"), self.renew_margin_s(), refused)
+
+    def renew_margin_s(self) -> float:
+        """Renew with a third of the keys' lifetime left (at most 5 min before expiry): early enough that a call
+        made just before renewal still lands in time, late enough that renewals stay rare."""
         try:
-            data = json.loads(self.key_file.read_text())
-        except (OSError, ValueError):
-            return {}
-        return {k: data[k]["key"] for k in ("inference", "management") if isinstance(data.get(k), dict)}
+            minutes = float(self.properties().get("token_expiration_min")
+                            or getattr(self.cfg, "token_expiration_min", None) or 60)
+        except ValueError:
+            minutes = 60.0
+        return min(300.0, minutes * 60 / 3)
 
     def probe_key(self) -> Optional[str]:
         try:
@@ -119,8 +131,8 @@ class Instance:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def headers(self, api: str) -> dict[str, str]:
-        key = self.keys().get(api)
+    def headers(self, api: str, refused: Optional[dict[str, str]] = None) -> dict[str, str]:
+        key = self.keys(refused).get(api)
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def pid(self) -> Optional[int]:
@@ -129,18 +141,24 @@ class Instance:
             pid = int(self.pid_file.read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        return pid if is_torchserve(pid) else None
+        return pid if is_torchserve(pid, self.properties_file) else None
 
     # --- over HTTP ---------------------------------------------------------------------------------------------
 
     def get(self, api: str, path: str, timeout: float = 5.0) -> tuple[int, Any]:
-        req = urllib.request.Request(self.url(api) + path, headers=self.headers(api))
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                body = r.read()
-                status = r.status
-        except urllib.error.HTTPError as e:
-            body, status = e.read(), e.code
+        headers = self.headers(api)
+        for attempt in (0, 1):
+            req = urllib.request.Request(self.url(api) + path, headers=headers)
+            try:
+                with urllib.request.urlopen(req, timeout=timeout) as r:
+                    body = r.read()
+                    status = r.status
+            except urllib.error.HTTPError as e:
+                body, status = e.read(), e.code
+            if attempt or not is_invalid_key(status, body) or "Authorization" not in headers:
+                break
+            # Renewed by another process since it was read, or expired early: renew if still the same, retry once.
+            headers = self.headers(api, refused={api: headers["Authorization"].split(" ", 1)[1]})
         try:
             return status, json.loads(body or b"null")
         except ValueError:
@@ -166,7 +184,10 @@ def workdir_args(work: str | Path) -> str:
     return "" if work == Path(DEFAULT_WORKDIR).resolve() else f" --set workdir={shlex.quote(str(work))}"
 
 
-def is_torchserve(pid: int) -> bool:
+def is_torchserve(pid: int, config: Optional[Path] = None) -> bool:
+    """Whether ``pid`` is a TorchServe frontend, and (given ``config``) the one started with that config file (a
+    work folder's): a stale pid file whose number now belongs to another process, or to another TorchServe, is
+    not ours to stop."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
@@ -175,7 +196,7 @@ def is_torchserve(pid: int) -> bool:
         except OSError:
             return False
         return True  # no /proc (macOS): trust the pid file
-    return b"org.pytorch.serve.ModelServer" in cmdline
+    return b"org.pytorch.serve.ModelServer" in cmdline and (config is None or os.fsencode(str(config)) in cmdline)
 
 
 @dataclass
@@ -198,6 +219,21 @@ class Client:
         h = dict(headers or {})
         if self.token and api != "metrics":
             h.update(self.inst.headers(api))
+        r, raw = self._send(method, path, body, h, api)
+        if "Authorization" in h and is_invalid_key(r.status, raw):
+            # The key was renewed by another process after it was read (or expired early): renew, retry once.
+            h.update(self.inst.headers(api, refused={api: h["Authorization"].split(" ", 1)[1]}))
+            r, raw = self._send(method, path, body, h, api)
+        ctype = r.getheader("content-type", "")
+        parsed: Any = raw.decode("utf-8", "replace")
+        if "json" in ctype or raw[:1] in (b"{", b"["):
+            try:
+                parsed = json.loads(raw)
+            except ValueError:
+                pass
+        return Response(r.status, parsed, {k.lower(): v for k, v in r.getheaders()})
+
+    def _send(self, method: str, path: str, body: Optional[bytes], h: dict, api: str):
         parts = urlsplit(self.inst.url(api))
         port = parts.port
         for attempt in (0, 1):
@@ -218,14 +254,7 @@ class Client:
         if r.getheader("connection", "").lower() == "close":
             conn.close()
             self._conns.pop(port, None)
-        ctype = r.getheader("content-type", "")
-        parsed: Any = raw.decode("utf-8", "replace")
-        if "json" in ctype or raw[:1] in (b"{", b"["):
-            try:
-                parsed = json.loads(raw)
-            except ValueError:
-                pass
-        return Response(r.status, parsed, {k.lower(): v for k, v in r.getheaders()})
+        return r, raw
 
     def predict(self, model: str, image: bytes, content_type: str = "image/png",
                 headers: Optional[dict] = None) -> Response:

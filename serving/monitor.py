@@ -60,6 +60,13 @@ class MonitorConfig(Frozen):
     rounds: Optional[int] = Field(None, ge=1)  # stop after this many rounds; None: until SIGTERM/SIGINT
     wait_s: float = Field(900.0, gt=0)  # longest wait for one probe's report
     retry_s: float = Field(10.0, gt=0)  # while the server does not answer: how often to look again
+    # A model whose last successful probe is older than this is stale: /ready answers 503 and the stale gauge
+    # is 1. None: two intervals plus one probe's longest wait (one missed round is tolerated, two are not).
+    max_age_s: Optional[float] = Field(None, gt=0)
+
+    @property
+    def stale_after_s(self) -> float:
+        return self.max_age_s if self.max_age_s is not None else 2 * self.interval_s + self.wait_s
 
     @model_validator(mode="after")
     def _check(self):
@@ -111,6 +118,12 @@ class Monitor:
         self.up_g = Gauge(PREFIX + "server_up", "1 while the server of the work folder answers with its keys",
                           registry=self.registry)
         self.server_down: Optional[str] = None  # why the server is not reachable, None while it is
+        self.stale_g = Gauge(PREFIX + "stale", "1 while the model's latest successful probe is older than "
+                             "max_age_s (or there has been none for that long)", ["model"], registry=self.registry)
+        self.max_age_g = Gauge(PREFIX + "max_age_seconds", "Age past which a model's robustness figure is stale",
+                               registry=self.registry)
+        self.max_age_g.set(cfg.stale_after_s)
+        self.started = time.time()
         self.state: dict[str, dict[str, Any]] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -167,7 +180,7 @@ class Monitor:
             if fig is not None:
                 self._replace_series(model, report)
                 st["figure"] = fig
-                st["last_success"] = report.get("started_unix")
+                st["last_success"] = report.get("started_unix") or time.time()
                 st["below"] = st["below"] + 1 if fig < self.floor(model) else 0
                 if st["below"] >= self.cfg.alert_after:
                     if not st["alert"]:
@@ -212,20 +225,38 @@ class Monitor:
 
     # --- readiness ---------------------------------------------------------------------------------------------
 
+    def refresh_staleness(self) -> None:
+        with self.lock:
+            self._readiness()
+
     def _readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Also sets the stale and ready gauges, so a scrape between rounds sees figures age."""
         models = {}
+        now = time.time()
+        max_age = self.cfg.stale_after_s
         for model in (self.cfg.models or sorted(self.state)):
             st = self.state.get(model)
+            last = (st or {}).get("last_success")
+            age = now - (last if last is not None else self.started)
+            stale = age > max_age
+            self.stale_g.labels(model).set(1.0 if stale else 0.0)
             if self.server_down is not None:
-                models[model] = {"ready": False, "why": f"server not reachable: {self.server_down}"}
+                models[model] = {"ready": False, "why": f"server not reachable: {self.server_down}",
+                                 "stale": stale}
             elif st is None or st.get("figure") is None:
-                models[model] = {"ready": False, "why": "no successful probe yet"}
+                models[model] = {"ready": False, "why": "no successful probe yet", "stale": stale}
+            elif stale:
+                models[model] = {"ready": False, "why": f"no successful probe for {age:.0f} s (max_age_s "
+                                                        f"{max_age:g}); last outcome {st.get('last_outcome')}",
+                                 "figure": st["figure"], "stale": True}
             elif st["alert"]:
                 models[model] = {"ready": False, "why": f"robustness {st['figure']:.3f} below the floor "
                                                         f"{self.floor(model):.3f}", "figure": st["figure"]}
             else:
                 models[model] = {"ready": True, "figure": st["figure"], "floor": self.floor(model)}
-        return bool(models) and all(m["ready"] for m in models.values()), models
+        ready = bool(models) and all(m["ready"] for m in models.values())
+        self.ready_g.set(1.0 if ready else 0.0)
+        return ready, models
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         with self.lock:
@@ -240,6 +271,7 @@ class Monitor:
             def do_GET(self):  # noqa: N802 (the http.server hook name)
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
+                    monitor.refresh_staleness()
                     self._send(200, generate_latest(monitor.registry), CONTENT_TYPE_LATEST)
                 elif path == "/ready":
                     ready, models = monitor.readiness()
@@ -289,7 +321,12 @@ def run(cfg: MonitorConfig) -> int:
     try:
         while not mon.stop.is_set():
             before = mon.server_down
-            if not mon.round():
+            try:
+                answered = mon.round()
+            except Exception:  # noqa: BLE001 - e.g. the history's disk is full: keep serving /ready and metrics
+                log.exception("monitor round failed; trying again in %g s", cfg.retry_s)
+                answered = False
+            if not answered:
                 if mon.server_down != before:
                     print(f"waiting for the server: {mon.server_down}", flush=True)
                 mon.stop.wait(cfg.retry_s)

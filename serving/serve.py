@@ -436,7 +436,8 @@ def describe_access(inst: Instance) -> str:
              f"logs:       {inst.logs}"]
     if props.get("disable_token_authorization") == "false":
         lines += [f"keys:       {inst.key_file} (inference and management keys; they expire after "
-                  f"{props.get('token_expiration_min')} min)",
+                  f"{props.get('token_expiration_min')} min; robustserve renews them through the API key in that "
+                  f"file, so read the file again when a key is refused)",
                   "send:       -H \"Authorization: Bearer $(jq -r .inference.key " + str(inst.key_file) + ")\"",
                   f"example:    curl -H \"Authorization: Bearer <inference key>\" -H \"Content-Type: image/png\" "
                   f"--data-binary @image.png "

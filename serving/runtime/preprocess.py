@@ -23,6 +23,35 @@ from serving.runtime.spec import ModelSpec
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 _MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
 
+# Default budgets, from the model's input size: an image may be this many times the model's input area (so a
+# photo larger than the input is resized, not refused), but never less than MIN_IMAGE_PIXELS; one request may
+# decode REQUEST_IMAGES such images in all. Decode time grows with pixels, so these bound one request's cost.
+INPUT_AREA_FACTOR = 16
+MIN_IMAGE_PIXELS = 1024 * 1024
+REQUEST_IMAGES = 4
+
+
+def pixel_budgets(spec: ModelSpec, max_image_pixels: int | None = None,
+                  max_request_pixels: int | None = None) -> tuple[int, int]:
+    """(pixels per image, pixels per request): the configured values, else derived from the spec's input size."""
+    h, w = spec.input_size
+    per_image = max_image_pixels or max(MIN_IMAGE_PIXELS, INPUT_AREA_FACTOR * h * w)
+    return per_image, max_request_pixels or REQUEST_IMAGES * per_image
+
+
+class DecodeBudget:
+    """Pixels one request may still decode; each image's header is charged before its pixels are decoded."""
+
+    def __init__(self, pixels: int):
+        self.total = pixels
+        self.left = pixels
+
+    def charge(self, pixels: int) -> None:
+        if pixels > self.left:
+            raise PayloadTooLarge(f"the images of this request hold more than {self.total} pixels in all (the "
+                                  f"request's decode budget); send fewer or smaller images")
+        self.left -= pixels
+
 
 def sniff_image(data: bytes | bytearray | memoryview) -> str | None:
     """'PNG' or 'JPEG' when ``data`` starts with that format's signature, else None."""
@@ -42,13 +71,17 @@ def to_unit(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float32) / np.float32(255.0) if a.dtype == np.uint8 else a
 
 
-def decode_image(data: bytes | bytearray, spec: ModelSpec, *, max_bytes: int, max_pixels: int) -> np.ndarray:
+def decode_image(data: bytes | bytearray, spec: ModelSpec, *, max_bytes: int, max_pixels: int,
+                 budget: DecodeBudget | None = None) -> np.ndarray:
     """PNG/JPEG bytes -> float32 [C, H, W] in [0, 1]: converted to the spec's channels (grayscale or RGB),
-    EXIF orientation applied, resized to the spec's input size when it differs (bilinear)."""
-    return to_unit(decode_image_u8(data, spec, max_bytes=max_bytes, max_pixels=max_pixels))
+    EXIF orientation applied, resized to the spec's input size when it differs (bilinear). The pixel count read
+    from the header is held against ``max_pixels`` and charged to ``budget`` before anything is decompressed;
+    a large JPEG is decoded at a reduced scale (DCT scaling, "draft" mode) no smaller than the model's input."""
+    return to_unit(decode_image_u8(data, spec, max_bytes=max_bytes, max_pixels=max_pixels, budget=budget))
 
 
-def decode_image_u8(data: bytes | bytearray, spec: ModelSpec, *, max_bytes: int, max_pixels: int) -> np.ndarray:
+def decode_image_u8(data: bytes | bytearray, spec: ModelSpec, *, max_bytes: int, max_pixels: int,
+                    budget: DecodeBudget | None = None) -> np.ndarray:
     """:func:`decode_image` before the scaling to [0, 1]: uint8 [C, H, W], so a batch is scaled in one operation
     (:func:`to_unit`)."""
     if len(data) > max_bytes:
@@ -68,6 +101,14 @@ def decode_image_u8(data: bytes | bytearray, spec: ModelSpec, *, max_bytes: int,
                 raise InvalidInput(f"image has no pixels ({w}x{h})")
             if w * h > max_pixels:
                 raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+            if budget is not None:
+                budget.charge(w * h)
+            if getattr(img, "n_frames", 1) > 1:
+                raise InvalidInput(f"the image holds {img.n_frames} frames (animated or multi-page); send one")
+            if img.format == "JPEG" and spec.channels in (1, 3):
+                # At least the input size on both sides whatever the EXIF rotation: the resize below does the rest.
+                side = max(spec.input_size)
+                img.draft("L" if spec.channels == 1 else "RGB", (side, side))
             img.load()
             if not _ORIENTATION_INFO.isdisjoint(img.info):  # exif_transpose copies even an upright image
                 img = ImageOps.exif_transpose(img)
@@ -81,11 +122,20 @@ def decode_image_u8(data: bytes | bytearray, spec: ModelSpec, *, max_bytes: int,
 
 
 def _to_array(img: Image.Image, spec: ModelSpec) -> np.ndarray:
-    if img.mode.startswith("I;16") or img.mode == "I":
-        # 16/32-bit grayscale: PIL's convert("L") clips instead of scaling.
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") else max(1.0, float(a.max()))
-        img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode.startswith("I;16"):
+        # 16-bit grayscale: PIL's convert("L") clips instead of scaling. Integer arithmetic (round(v * 255 /
+        # 65535)) in uint32: 4 bytes a pixel, not float64's 8, and no float pass over the image.
+        a = np.asarray(img).astype(np.uint32)
+        a *= 255
+        a += 32767
+        a //= 65535
+        img = Image.fromarray(a.astype(np.uint8), mode="L")
+        del a
+    elif img.mode == "I":
+        # 32-bit grayscale (rare in PNG): scaled by its own maximum, in float32.
+        a = np.asarray(img, dtype=np.float32)
+        top = max(1.0, float(a.max()))
+        img = Image.fromarray(np.clip(a * np.float32(255.0 / top) + 0.5, 0, 255).astype(np.uint8), mode="L")
     if spec.channels in (1, 3):
         mode = "L" if spec.channels == 1 else "RGB"
         if img.mode != mode:
@@ -117,17 +167,19 @@ def decode_base64(s: str, max_bytes: int) -> bytes:
         raise InvalidInput("'image' is not valid base64") from None
 
 
-def image_from_base64(s: str, spec: ModelSpec, *, max_bytes: int, max_pixels: int) -> np.ndarray:
+def image_from_base64(s: str, spec: ModelSpec, *, max_bytes: int, max_pixels: int,
+                      budget: DecodeBudget | None = None) -> np.ndarray:
     """Base64 PNG/JPEG -> float32 [C, H, W] in [0, 1] (see :func:`decode_image`)."""
-    return to_unit(image_from_base64_u8(s, spec, max_bytes=max_bytes, max_pixels=max_pixels))
+    return to_unit(image_from_base64_u8(s, spec, max_bytes=max_bytes, max_pixels=max_pixels, budget=budget))
 
 
-def image_from_base64_u8(s: str, spec: ModelSpec, *, max_bytes: int, max_pixels: int) -> np.ndarray:
+def image_from_base64_u8(s: str, spec: ModelSpec, *, max_bytes: int, max_pixels: int,
+                         budget: DecodeBudget | None = None) -> np.ndarray:
     """Base64 PNG/JPEG -> uint8 [C, H, W] (see :func:`decode_image_u8`)."""
     data = decode_base64(s, max_bytes)
     if sniff_image(data) is None:
         raise UnsupportedMediaType("'image' does not hold a PNG or JPEG")
-    return decode_image_u8(data, spec, max_bytes=max_bytes, max_pixels=max_pixels)
+    return decode_image_u8(data, spec, max_bytes=max_bytes, max_pixels=max_pixels, budget=budget)
 
 
 def expected_shape(spec: ModelSpec) -> tuple[int, int, int]:
@@ -157,9 +209,9 @@ def tensor_to_array(values: Any, shape: Sequence[int], dtype: str, spec: ModelSp
         raise PayloadTooLarge(f"{what}: {n} images in one request; the limit is {max_images}")
     want = math.prod(shape)
     try:
-        a = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise InvalidInput(f"{what}: data must be numbers (a flat or nested list)") from None
+        a = np.asarray(values, dtype=np.float32 if dtype == "float32" else np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidInput(f"{what}: data must be numbers in range (a flat or nested list)") from None
     if a.size != want:
         raise InvalidInput(f"{what}: {a.size} values for shape {shape} ({want} expected)")
     a = a.reshape(shape)

@@ -145,7 +145,11 @@ class ServiceSettings(Frozen):
     k: int = Field(10, ge=1)
     max_k: int = Field(100, ge=1)
     max_image_bytes: int = Field(4 << 20, ge=1)
-    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    # Decode budgets, checked from each image's header before it is decoded. None: derived from the model's
+    # input size (see serving.runtime.preprocess.pixel_budgets): 16 x the input area, at least 1024 x 1024,
+    # per image; 4 such images per request.
+    max_image_pixels: Optional[int] = Field(None, ge=1)
+    max_request_pixels: Optional[int] = Field(None, ge=1)
     max_images_per_request: int = Field(64, ge=1)
     self_test: bool = True  # run the probe set at start-up and refuse to serve on a mismatch
     self_test_tolerance: float = Field(1e-4, gt=0)

@@ -33,7 +33,7 @@ from serving.runtime.codecs import (
 from serving.runtime.codecs.base import validation_message
 from serving.runtime.errors import ArtifactError, InternalError, InvalidInput, RequestError
 from serving.runtime.index import RetrievalIndex
-from serving.runtime.preprocess import decode_image, to_unit
+from serving.runtime.preprocess import decode_image, pixel_budgets, to_unit
 from serving.runtime.probes import ProbeSet, clean_score
 from serving.runtime.schemas import (
     ClassificationResponse,
@@ -151,7 +151,7 @@ class ModelService:
             buf = io.BytesIO()
             Image.fromarray(img[0] if self.spec.channels == 1 else img.transpose(1, 2, 0)).save(buf, "PNG")
             out.append(decode_image(buf.getvalue(), self.spec, max_bytes=self.settings.max_image_bytes,
-                                    max_pixels=self.settings.max_image_pixels))
+                                    max_pixels=pixel_budgets(self.spec, self.settings.max_image_pixels)[0]))
         return np.stack(out)
 
     # --- decoding (the codecs call these) --------------------------------------------------------------------

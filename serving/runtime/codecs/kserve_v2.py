@@ -8,6 +8,7 @@ The binary tensor data extension (:mod:`serving.runtime.v2binary`), which the st
 on the request, ``binary_data`` on an output) are answered as binary data after the JSON header."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,14 @@ from pydantic import BaseModel
 from serving.runtime import v2binary
 from serving.runtime.codecs.base import Codec, CodecTarget, RawRequest, Reply, TaskInput, validate
 from serving.runtime.errors import InvalidInput, RequestError, UnsupportedMediaType
-from serving.runtime.preprocess import decode_image_u8, image_from_base64_u8, sniff_image, tensor_to_array
+from serving.runtime.preprocess import (
+    DecodeBudget,
+    decode_image_u8,
+    image_from_base64_u8,
+    pixel_budgets,
+    sniff_image,
+    tensor_to_array,
+)
 from serving.runtime.schemas import V2Request, V2Response, V2Tensor
 
 _FLOAT = {"FP16", "FP32", "FP64"}
@@ -88,9 +96,12 @@ class KServeV2Codec(Codec):
             if not len(data) or any(not isinstance(d, kind) for d in data):
                 raise InvalidInput(f"input {t.name!r}: BYTES data must be base64-encoded PNG/JPEG strings "
                                    f"(as binary data: the PNG/JPEG bytes)")
-            if int(np.prod(t.shape)) != len(data):
+            # math.prod on Python ints: numpy's product of a hostile shape wraps around (and -1 x -1 is 1).
+            if any(d < 0 for d in t.shape) or math.prod(t.shape) != len(data):
                 raise InvalidInput(f"input {t.name!r}: shape {t.shape} does not match {len(data)} elements")
-            limits = dict(max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+            per_image, per_request = pixel_budgets(target.spec, s.max_image_pixels, s.max_request_pixels)
+            # The images of one request share one decode budget.
+            limits = dict(max_bytes=s.max_image_bytes, max_pixels=per_image, budget=DecodeBudget(per_request))
             if binary is None:
                 return np.stack([image_from_base64_u8(d, target.spec, **limits) for d in data])
             if any(sniff_image(d) is None for d in data):

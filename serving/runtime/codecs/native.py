@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from serving.runtime.codecs.base import Codec, CodecTarget, RawRequest, TaskInput, validate
 from serving.runtime.errors import InvalidInput, RequestError
-from serving.runtime.preprocess import decode_image_u8, image_from_base64_u8, tensor_input_to_array
+from serving.runtime.preprocess import decode_image_u8, image_from_base64_u8, pixel_budgets, tensor_input_to_array
 
 
 def _text(v: Any) -> str:
@@ -21,17 +21,18 @@ class NativeCodec(Codec):
 
     def decode(self, raw: RawRequest, target: CodecTarget) -> TaskInput:
         s = target.settings
+        max_pixels = pixel_budgets(target.spec, s.max_image_pixels, s.max_request_pixels)[0]
         if isinstance(raw.body, bytes):  # an image: read_body lets only PNG/JPEG bytes through
             opts = target.options({k: _text(v) for k, v in raw.params.items()})
             x = decode_image_u8(raw.body, target.spec, max_bytes=s.max_image_bytes,
-                                max_pixels=s.max_image_pixels)[None]
+                                max_pixels=max_pixels)[None]
         else:
             if not isinstance(raw.body, dict):
                 raise InvalidInput(f"the JSON body must be an object, got {type(raw.body).__name__}")
             req = validate(target.request_model, raw.body)
             if req.image is not None:
                 x = image_from_base64_u8(req.image, target.spec, max_bytes=s.max_image_bytes,
-                                      max_pixels=s.max_image_pixels)[None]
+                                      max_pixels=max_pixels)[None]
             else:
                 x = tensor_input_to_array(req.tensor, target.spec, max_images=1)
             opts = target.check_options(req.model_dump(exclude={"image", "tensor"}, exclude_none=True))

@@ -79,3 +79,18 @@ def test_form_encoded_upload_says_which_content_type_to_send(service):
     r = service.handle([RawRequest(b"GIF89a....", content_type="image/png")])[0]
     assert r.status == 415 and "says image/png" in r.body["error"]["message"]
     assert service.handle([RawRequest(encode(x[0]), content_type="application/octet-stream")])[0].status == 200
+
+
+def test_v2_images_share_one_decode_budget(classifier_export):
+    import base64
+
+    svc = ClassifierService(classifier_export, ServiceSettings(self_test=False, max_image_pixels=300 * 300,
+                                                               max_request_pixels=2 * 300 * 300))
+    img = base64.b64encode(encode(np.zeros((300, 300), np.uint8))).decode()
+    ok, too_many, bad_shape = svc.handle([
+        RawRequest({"inputs": [{"name": "x", "shape": [2], "datatype": "BYTES", "data": [img] * 2}]}),
+        RawRequest({"inputs": [{"name": "x", "shape": [3], "datatype": "BYTES", "data": [img] * 3}]}),
+        RawRequest({"inputs": [{"name": "x", "shape": [-1, -1], "datatype": "BYTES", "data": [img]}]})])
+    assert ok.status == 200
+    assert too_many.status == 413 and "decode budget" in too_many.body["error"]
+    assert bad_shape.status == 400

@@ -33,6 +33,8 @@ MONITOR_METRICS = {
     "robustserve_monitor_probes_total": {"model", "status"},
     "robustserve_monitor_ready": set(),
     "robustserve_monitor_server_up": set(),
+    "robustserve_monitor_stale": {"model"},
+    "robustserve_monitor_max_age_seconds": set(),
 }
 _TS = {"ModelName", "Level"}
 _G = _TS | {"config"}  # TorchServe cannot drop a series: its probe gauges carry the probe's configuration
@@ -58,7 +60,7 @@ SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}")
 MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)\s*\"")
 
 REQUIRED_ALERTS = {"RobustAccuracyBelowFloor", "RobustnessProbeFailing", "RobustnessProbeStale",
-                   "RobustnessMonitorDown", "GradientMaskingSuspected", "TransferGap"}
+                   "RobustnessMonitorDown", "GradientMaskingSuspected", "TransferGap", "RobustnessFiguresStale"}
 
 
 def metric_names(expr: str) -> set[str]:
