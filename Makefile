@@ -2,7 +2,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-unit test-integration bench-classifiers bench-embedders bench-serving zoo clean
+.PHONY: setup demo test test-unit test-integration test-reliability bench-classifiers bench-embedders bench-serving zoo clean
 
 setup:
 	@./scripts/setup.sh
@@ -18,6 +18,9 @@ test-unit: setup
 
 test-integration: setup
 	$(PY) -m pytest -q tests/integration
+
+test-reliability: setup
+	$(PY) -m pytest -q tests/reliability
 
 clean:
 	rm -rf runs .pytest_cache

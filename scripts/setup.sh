@@ -52,6 +52,15 @@ if ! command -v hey >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get 
      >/dev/null 2>&1) || echo "setup: hey not installed; scripts/bench_serving.py will say so" >&2
 fi
 
+# Optional: hey (Debian), a compiled load generator the reliability soak test drives the server with (a Python
+# client would eat the cores it measures); that test skips without it.
+if ! command -v hey >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+   && [ -z "${ROBUSTSERVE_NO_HEY:-}" ]; then
+  echo "setup: installing hey (Debian package hey; ROBUSTSERVE_NO_HEY=1 skips it)"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends hey \
+     >/dev/null 2>&1) || echo "setup: hey not installed; the soak test will be skipped" >&2
+fi
+
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 $PIP install --upgrade pip 2>&1 | grep -v "is ignored" || true

@@ -27,7 +27,14 @@ import numpy as np
 import yaml
 from pydantic import Field
 
-from serving.runtime.artifacts import MANIFEST_NAME, ExportManifest, load_manifest, verify_all
+from serving.runtime.artifacts import (
+    ARCHIVE_FILES,
+    MANIFEST_NAME,
+    ExportManifest,
+    load_manifest,
+    verify_all,
+    write_archive_files,
+)
 from serving.runtime.index import RetrievalIndex
 from serving.runtime.schemas import ServiceSettings
 from serving.runtime.spec import Frozen
@@ -103,6 +110,8 @@ def archive(cfg: ArchiveConfig) -> Path:
         config_file = work / "model-config.yaml"
         config_file.write_text(model_config_yaml(cfg))
         handler = HANDLERS[manifest.model.task]
+        # The archiver adds the handler and the config at the archive's root: listed under those names.
+        write_archive_files(stage, {"model-config.yaml": config_file, Path(handler).name: REPO / handler})
         _run_archiver(name, cfg.version, REPO / handler, stage, config_file, work)
         built = work / f"{name}.mar"
         _check_archive(built)
@@ -203,9 +212,63 @@ def _check_archive(path: Path) -> None:
         if bad is not None:
             raise RuntimeError(f"{path.name}: corrupt member {bad}")
         names = set(z.namelist())
-    missing = {"MAR-INF/MANIFEST.json", MANIFEST_NAME, "model-config.yaml"} - names
+    missing = {"MAR-INF/MANIFEST.json", MANIFEST_NAME, "model-config.yaml", ARCHIVE_FILES} - names
     if missing:
         raise RuntimeError(f"{path.name} lacks {sorted(missing)}")
+
+
+class ExtractLimits(Frozen):
+    """Bounds on unpacking an archive that may not be ours (a candidate handed to ``probe`` or ``gate``)."""
+
+    max_entries: int = Field(10_000, ge=1)
+    max_bytes: int = Field(8 << 30, ge=1)  # uncompressed, all entries together
+
+
+def extract_archive(path: str | Path, dest: str | Path, limits: ExtractLimits = ExtractLimits()) -> Path:
+    """Unpacks a .mar into ``dest`` with the checks ``ZipFile.extractall`` lacks: entry count and declared total
+    size before anything is written, no absolute paths, no ``..``, no links or devices, no duplicates, and the
+    bytes actually written held to the declared sizes (a lying header cannot inflate past them)."""
+    import stat
+
+    dest = Path(dest).resolve()
+    dest.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+        if len(infos) > limits.max_entries:
+            raise ValueError(f"{path}: {len(infos)} entries; the limit is {limits.max_entries}")
+        total = sum(i.file_size for i in infos)
+        if total > limits.max_bytes:
+            raise ValueError(f"{path}: {total} bytes unpacked; the limit is {limits.max_bytes}")
+        seen = set()
+        for info in infos:
+            name = info.filename
+            parts = Path(name).parts
+            mode = info.external_attr >> 16
+            if name.startswith(("/", "\\")) or ".." in parts or ":" in name or "\\" in name:
+                raise ValueError(f"{path}: entry {name!r} points outside the archive")
+            if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):  # 0: no type recorded
+                raise ValueError(f"{path}: entry {name!r} is not a regular file or folder (a link or device)")
+            target = (dest / name).resolve()
+            if target != dest and dest not in target.parents:
+                raise ValueError(f"{path}: entry {name!r} points outside the archive")
+            if target in seen:
+                raise ValueError(f"{path}: entry {name!r} appears twice")
+            seen.add(target)
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            left = info.file_size
+            with z.open(info) as src, open(target, "wb") as out:
+                while True:
+                    block = src.read(min(1 << 20, left + 1))
+                    if not block:
+                        break
+                    left -= len(block)
+                    if left < 0:
+                        raise ValueError(f"{path}: entry {name!r} unpacks past its declared size")
+                    out.write(block)
+    return dest
 
 
 def archive_contents(path: str | Path) -> list[str]:

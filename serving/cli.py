@@ -174,6 +174,10 @@ def _run_status(cfg) -> int:
         workers = ", ".join(f"{w['id']}:{w['status']}" for w in m.get("workers", [])) or "none"
         print(f"  {name} v{m.get('version')}: {'READY' if m.get('ready') else 'NOT READY'}; workers {workers}; "
               f"batch {m.get('batch_size')}, delay {m.get('max_batch_delay_ms')} ms")
+        probe = m.get("last_probe")
+        if probe:
+            why = f" ({probe['error']})" if probe.get("error") else ""
+            print(f"    last probe {probe.get('id')}: {probe.get('status')}{why}")
     return 0 if st["models"] and all(m.get("ready") for m in st["models"].values()) else 1
 
 

@@ -12,7 +12,6 @@ import json
 import logging
 import tempfile
 import time
-import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -127,10 +126,10 @@ def opened_archive(path: str | Path) -> Iterator[Path]:
         return
     if not path.is_file():
         raise FileNotFoundError(f"archive not found: {path} (a .mar or an export folder)")
+    from serving.archive import extract_archive
+
     with tempfile.TemporaryDirectory(prefix="robustserve-probe-") as tmp:
-        with zipfile.ZipFile(path) as z:
-            z.extractall(tmp)
-        yield Path(tmp)
+        yield extract_archive(path, tmp)
 
 
 def load_archive_service(root: Path, **kwargs: Any):

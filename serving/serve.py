@@ -156,6 +156,9 @@ def config_properties(cfg: ServeConfig) -> str:
         "default_response_timeout": cfg.response_timeout_s,
         "install_py_dep_per_model": "false",
         "enable_envvars_config": "false",
+        # Workers hand JSON and text bodies to the handler as bytes: it parses them itself, with its size,
+        # value-count, depth and number limits (TorchServe's own json.loads has none and runs before any check).
+        "decode_input_request": "false",
     }
     if cfg.netty_threads:
         props["number_of_netty_threads"] = cfg.netty_threads
@@ -264,9 +267,6 @@ def start(cfg: ServeConfig) -> Instance:
     env = {**os.environ, "TMPDIR": str(inst.tmp), "TEMP": str(inst.tmp), "TMP": str(inst.tmp),
            "LOG_LOCATION": str(inst.logs), "METRICS_LOCATION": str(inst.logs)}
     env.pop(PROBE_KEY_ENV, None)
-    # Workers hand JSON bodies to the handler as bytes: it parses them itself with its depth, size and number
-    # limits (TorchServe's own json.loads has none, and spends the cost before any check can run).
-    env["TS_DECODE_INPUT_REQUEST"] = "false"
     inst.probe_dir.mkdir(parents=True, exist_ok=True)
     env[PROBE_DIR_ENV] = str(inst.probe_dir)
     if cfg.probe_key:
@@ -421,8 +421,29 @@ def status(target: ServeConfig | Instance) -> dict[str, Any]:
             models[name] = {"version": d.get("modelVersion"), "batch_size": d.get("batchSize"),
                             "max_batch_delay_ms": d.get("maxBatchDelay"),
                             "min_workers": d.get("minWorkers"), "max_workers": d.get("maxWorkers"),
-                            "workers": workers, "ready": any(w["status"] == "READY" for w in workers)}
+                            "workers": workers, "ready": any(w["status"] == "READY" for w in workers),
+                            "last_probe": last_probe(inst, name)}
     return {"running": True, "pid": pid, "workdir": str(inst.work), "models": models}
+
+
+def last_probe(inst: Instance, model: str) -> Optional[dict[str, Any]]:
+    """The newest probe of ``model`` in this work folder's history: {"id", "status" (ok, failed, timeout or
+    lost), "started", "error"}, or running when the gate says one runs now; None when it was never probed."""
+    from serving.runtime.probing.history import ProbeGate, ProbeHistory
+    from serving.runtime.probing.runner import HISTORY_FILE
+
+    gate = ProbeGate(inst.probe_dir, model)
+    running = gate.running()
+    if running is not None:
+        return {"id": running.get("id"), "status": "running", "started_unix": running.get("started_unix")}
+    lost = gate.lost()
+    rep = ProbeHistory(inst.probe_dir / model / HISTORY_FILE).last()
+    if lost is not None and (rep is None or rep.get("id") != lost.get("id")):
+        # Its worker died and no request has settled it in the history yet: it is lost all the same.
+        return {"id": lost.get("id"), "status": "lost", "started_unix": lost.get("started_unix")}
+    if rep is None:
+        return None
+    return {k: rep.get(k) for k in ("id", "status", "started", "error")}
 
 
 def describe_access(inst: Instance) -> str:

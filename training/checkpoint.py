@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if meta.is_file():
         return {**json.loads(meta.read_text()),
                 "model": torch.load(path, map_location=map_location, weights_only=True)}
-    return torch.load(path, map_location=map_location, weights_only=False)
+    # Weights only: a checkpoint is tensors and plain data (the spec, options and config are dicts), so nothing
+    # in it needs unpickling code, and a checkpoint from elsewhere cannot run any.
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds more than tensors and plain data, so it is not loaded (weights-only "
+                         f"loading refuses to run code from a checkpoint): {str(e).splitlines()[0]}") from None
 
 
 def weights_only_meta(path: str | Path) -> Path:

@@ -19,6 +19,12 @@ from serving.runtime.spec import Frozen, ModelSpec
 
 MANIFEST_NAME = "spec.json"
 FORMAT_VERSION = 1
+# Written by the archive step: the SHA-256 of every file an archive carries (gallery index, labels, code and
+# config included), so a served or probed archive is checked whole, not only the artifacts spec.json lists.
+ARCHIVE_FILES = "archive-files.json"
+# What is not listed: the archiver's own manifest (written after), the list itself, bytecode caches Python writes,
+# and the probe state a handler keeps beside the model when no other folder is configured.
+_UNLISTED_DIRS = {"MAR-INF", "__pycache__", "probes"}
 
 
 class InputSpec(Frozen):
@@ -154,3 +160,51 @@ def verify_artifact(root: str | Path, manifest: ExportManifest, artifact: str) -
 def verify_all(root: str | Path, manifest: ExportManifest) -> None:
     for name in manifest.artifacts:
         verify_artifact(root, manifest, name)
+
+
+def _archive_members(root: Path) -> list[str]:
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if p.is_dir() or rel.as_posix() == ARCHIVE_FILES or _UNLISTED_DIRS & set(rel.parts) or p.suffix == ".pyc":
+            continue
+        out.append(rel.as_posix())
+    return out
+
+
+def write_archive_files(root: str | Path, extra: dict[str, Path] | None = None) -> dict[str, ArtifactFile]:
+    """Lists every file under ``root`` (and ``extra``: {name in the archive: source file}, for files the archiver
+    adds itself) with its SHA-256 in ``root/archive-files.json``."""
+    root = Path(root)
+    files = {name: describe_file(root, name) for name in _archive_members(root)}
+    for name, src in (extra or {}).items():
+        files[name] = ArtifactFile(file=name, sha256=sha256_file(src), bytes=Path(src).stat().st_size)
+    (root / ARCHIVE_FILES).write_text(json.dumps({k: v.model_dump() for k, v in sorted(files.items())}, indent=1))
+    return files
+
+
+def verify_archive_files(root: str | Path) -> bool:
+    """Checks every file of an unpacked archive against ``archive-files.json``: none changed, none missing, none
+    added. False when the folder has no such list (an export folder, whose spec.json covers it); raises
+    ArtifactError on any difference."""
+    root = Path(root)
+    listing = root / ARCHIVE_FILES
+    if not listing.is_file():
+        return False
+    try:
+        files = {k: ArtifactFile.model_validate(v) for k, v in json.loads(listing.read_text()).items()}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ArtifactError(f"{listing} is not a valid file list: {e}") from None
+    present = set(_archive_members(root))
+    added = sorted(present - set(files))
+    if added:
+        raise ArtifactError(f"{root}: file(s) not listed in {ARCHIVE_FILES}: {added[:5]}; the archive was changed "
+                            f"after it was built")
+    for name, info in files.items():
+        path = root / name
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing (listed in {ARCHIVE_FILES})")
+        if path.stat().st_size != info.bytes or sha256_file(path) != info.sha256:
+            raise ArtifactError(f"{path} does not match the SHA-256 recorded in {ARCHIVE_FILES}: the archive was "
+                                f"changed after it was built; rebuild it with `robustserve archive`")
+    return True

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from serving.runtime import jsonsafe
-from serving.runtime.artifacts import ExportManifest, load_manifest, verify_artifact
+from serving.runtime.artifacts import ExportManifest, load_manifest, verify_archive_files, verify_artifact
 from serving.runtime.codecs import (
     NATIVE,
     Codec,
@@ -62,6 +62,10 @@ class ModelService:
                  manifest: Optional[ExportManifest] = None):
         self.root = Path(root)
         self.settings = settings
+        # An unpacked archive is checked whole (gallery, labels, config, code) before any of it is used.
+        if not verify_archive_files(self.root) and (self.root / "MAR-INF").is_dir():
+            log.warning("%s: an archive without %s: only the artifacts spec.json lists are verified; rebuild it",
+                        self.root, "archive-files.json")
         self.manifest = manifest or load_manifest(self.root)
         self.spec = self.manifest.model
         if self.spec.task != self.task:

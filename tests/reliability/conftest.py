@@ -29,7 +29,9 @@ def rel_store(tmp_path_factory) -> Path:
     ckpt = write_untrained_checkpoint(root / "ckpt" / "model.pt")
     export = export_small(ckpt, root / "export", probe_points=32)
     store = root / "model_store"
-    archive_small(export, store, "clf", batch_size=8, max_batch_delay_ms=20, service={"probe": PROBE_LIMITS})
+    # Two workers, as a production model runs: one killed worker must not take the model down.
+    archive_small(export, store, "clf", batch_size=8, max_batch_delay_ms=20, min_workers=2, max_workers=2,
+                  service={"probe": PROBE_LIMITS})
     return store
 
 

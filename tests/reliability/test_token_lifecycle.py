@@ -30,8 +30,9 @@ def test_everything_works_past_the_key_expiry(rel_store, tmp_path):
             late = time.time()
             st = cli("serving.cli", "status", "--config", str(server_yaml))
             assert st.returncode == 0, st.stdout + st.stderr
-            pr = cli("serving.cli", "probe", "--config", str(server_yaml), "--set", "model=clf",
-                     *(f"--set=probe.{k}={json.dumps(v)}" for k, v in probe.items()))
+            probe_yaml = write_config(tmp_path / "probe.yaml", {"server": cfg.model_dump(mode="json"),
+                                                                "model": "clf", "probe": probe, "wait_s": 60})
+            pr = cli("serving.cli", "probe", "--config", str(probe_yaml))
             assert pr.returncode == 0, pr.stdout + pr.stderr
             health = cli("serving.serve", "health", "--config", str(server_yaml))
             assert health.returncode == 0, health.stdout + health.stderr

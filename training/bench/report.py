@@ -31,6 +31,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "robust-embedders": ("training.bench.robust_embedders", "Robust embedders (Fashion-MNIST)"),
     "serving": ("serving.bench.load", "Serving: robustserve against the plainest handler"),
     "retrieval-search": ("serving.bench.search", "Retrieval: exact and HNSW gallery search as the gallery grows"),
+    "decode-budget": ("scripts.bench_decode", "Decode cost of one maximal request"),
 }
 
 _BEGIN = "<!-- generated: {path} -->"

@@ -131,7 +131,25 @@ class ProbeGate:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
             raise RateLimited(wait)
-        _write_state(self.state_path, {"id": probe_id, "started_unix": now, "pid": os.getpid(), "running": True})
+        try:
+            _write_state(self.state_path, {"id": probe_id, "started_unix": now, "pid": os.getpid(),
+                                           "running": True})
+        except BaseException:  # e.g. a full disk: the lock must not outlive the failed start
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise
+        ProbeGate._held[fd] = self.state_path
+        return fd
+
+    def acquire_for_cleanup(self) -> int:
+        """The lock without the rate limit or a new state (to settle a lost probe); raises Busy when held."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Busy(self.state()) from None
         ProbeGate._held[fd] = self.state_path
         return fd
 
@@ -158,6 +176,13 @@ class ProbeGate:
             return state
         return None
 
+    def lost(self) -> Optional[dict]:
+        """The state of a probe whose worker died while it ran (it never finished), else None."""
+        state = self.state()
+        if state.get("running") and state.get("id") and not _alive(state.get("pid")):
+            return state
+        return None
+
 
 def _read_state(path: Path) -> dict[str, Any]:
     try:
@@ -168,8 +193,12 @@ def _read_state(path: Path) -> dict[str, Any]:
 
 def _write_state(path: Path, state: dict) -> None:
     tmp = path.with_name(path.name + f".{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _alive(pid: Any) -> bool:

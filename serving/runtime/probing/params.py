@@ -24,6 +24,9 @@ class ProbeSettings(Frozen):
     max_attacks: int = Field(4, ge=1)
     max_eps_values: int = Field(4, ge=1)
     max_eps: float = Field(0.5, gt=0)  # L-inf, pixel units
+    # Requested eps values must be multiples of this (or of 1/255): eps becomes a metric label, and a grid keeps
+    # the number of label values bounded (max_eps / eps_grid + 255 * max_eps per attack) whatever clients ask for.
+    eps_grid: float = Field(0.001, gt=0)
     timeout_s: float = Field(300.0, gt=0)  # a probe past this stops at its next batch and reports "timeout"
     min_interval_s: float = Field(10.0, ge=0)  # between two probe starts of one model
     batch_size: int = Field(128, ge=1)
@@ -31,7 +34,8 @@ class ProbeSettings(Frozen):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Non-finite numbers are refused here too, for hosts that hand over JSON they decoded themselves.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ProbeRequest(_Strict):
@@ -86,6 +90,14 @@ def resolve(req: ProbeRequest, task: str, threat_eps: Optional[float], input_siz
         eps = (threat_eps if threat_eps else 0.1,)
     else:
         eps = (threat_eps if threat_eps else (77 / 255 if max(input_size) <= 32 else 8 / 255),)
+    def on_grid(e: float, g: float) -> bool:
+        return abs(e / g - round(e / g)) < 1e-6
+
+    # Multiples of the grid, or of 1/255 (the customary k/255 radii).
+    off_grid = [e for e in eps if not (on_grid(e, limits.eps_grid) or on_grid(e, 1 / 255))]
+    if req.eps and off_grid:
+        raise InvalidInput(f"eps {off_grid}: values must be multiples of {limits.eps_grid:g} or of 1/255 (they "
+                           f"become metric labels); e.g. {round(off_grid[0] / limits.eps_grid) * limits.eps_grid:.6g}")
     if any(not 0 < e <= limits.max_eps for e in eps):
         raise InvalidInput(f"eps {list(eps)}: every value must lie in (0, {limits.max_eps:g}] (L-inf, pixel units "
                            f"of [0, 1] images)")
@@ -103,6 +115,9 @@ def resolve(req: ProbeRequest, task: str, threat_eps: Optional[float], input_siz
         raise InvalidInput(f"n {n} exceeds the {available} images of this model's probe set")
     if task == "embedding" and n < 2:
         raise InvalidInput("a retrieval probe needs at least 2 images")
+    if req.step is not None and req.step > limits.max_eps:
+        raise InvalidInput(f"step {req.step:g} exceeds max_eps {limits.max_eps:g}: a step larger than the ball "
+                           f"only lands on its surface")
     step = req.step if req.step is not None else (None if task == "classification" else 3 / 255)
     return ProbeConfig(task=task, attacks=attacks, eps=eps, steps=steps, step=step, n=n, seed=req.seed,
                        batch_size=limits.batch_size)

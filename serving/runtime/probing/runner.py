@@ -70,6 +70,8 @@ class ProbeRunner:
         self.gate = ProbeGate(self.state_dir, service.name)
         self.history = ProbeHistory(self.state_dir / service.name / HISTORY_FILE)
         self._thread: Optional[threading.Thread] = None
+        # Reports the history could not take (a full disk): kept so their status still answers, saying so.
+        self._unrecorded: dict[str, dict] = {}
         self._module = None
         self._module_lock = threading.Lock()
 
@@ -121,8 +123,13 @@ class ProbeRunner:
         cfg = resolve(req, svc.spec.task, tm.eps if tm else None, tuple(svc.spec.input_size),
                       len(probes) if probes is not None else 0, self.settings)
         probe_id = uuid.uuid4().hex[:16]
+        self._mark_lost()
         try:
             fd = self.gate.acquire(probe_id, self.settings.min_interval_s)
+        except OSError as e:
+            raise RequestError(f"cannot start a probe of {svc.name}: its state folder {self.state_dir} is not "
+                               f"writable ({e.strerror or e}); free space there and retry", status=507,
+                               code="insufficient_storage") from None
         except Busy as e:
             raise RequestError(f"a probe of {svc.name} is already running (id {e.running.get('id')}); one runs at "
                                f"a time: ask for its status or try again when it has finished", status=409,
@@ -150,11 +157,38 @@ class ProbeRunner:
         if running and running.get("id") == probe_id:
             return 202, {"probe": {"id": probe_id, "status": "running", "model": self.service.name,
                                    "running_s": round(time.time() - float(running.get("started_unix", 0)), 1)}}
-        rep = self.history.find(probe_id)
+        self._mark_lost()
+        rep = self.history.find(probe_id) or self._unrecorded.get(probe_id)
         if rep is not None:
             return 200, {"probe": rep}
         raise RequestError(f"no probe {probe_id} of {self.service.name} (running or in its history)", status=404,
                            code="not_found")
+
+    def _mark_lost(self) -> None:
+        """A probe whose worker died mid-run ends in the history as ``lost``, once (under the gate's lock, so two
+        workers noticing it together record it once)."""
+        state = self.gate.lost()
+        if state is None or self.history.find(state["id"]) is not None:
+            return
+        try:
+            fd = self.gate.acquire_for_cleanup()
+        except (Busy, OSError):
+            return
+        try:
+            state = self.gate.lost()
+            if state is None or self.history.find(state["id"]) is not None:
+                return
+            started = float(state.get("started_unix", 0.0))
+            self.history.append({"id": state["id"], "status": "lost", "model": self.service.name, "results": None,
+                                 "error": f"the worker (pid {state.get('pid')}) running this probe died before it "
+                                          f"finished", "started": _iso(started), "started_unix": round(started, 3),
+                                 "duration_s": None})
+            log.warning("probe %s of %s was lost with its worker (pid %s)", state["id"], self.service.name,
+                        state.get("pid"))
+        except OSError:
+            log.exception("could not record the lost probe %s", state.get("id") if state else None)
+        finally:
+            ProbeGate.release(fd)
 
     def wait(self, timeout: Optional[float] = None) -> None:
         """Blocks until the probe started last has finished (tests, in-process hosts)."""
@@ -184,10 +218,19 @@ class ProbeRunner:
                           duration_s=round(time.monotonic() - t0, 3))
             try:
                 self.history.append(report)
-            except Exception:
+            except Exception as e:
                 log.exception("probe %s: could not append the report to %s", probe_id, self.history.path)
+                report["history_error"] = (f"the report could not be written to the probe history ({e}); it is "
+                                           f"kept in this worker's memory only")
+                self._unrecorded[probe_id] = report
+                while len(self._unrecorded) > 16:  # a disk that stays full must not grow this without bound
+                    self._unrecorded.pop(next(iter(self._unrecorded)))
             finally:
-                ProbeGate.release(fd)
+                try:
+                    ProbeGate.release(fd)
+                except Exception:  # the lock itself is released even when the state file cannot be written
+                    log.exception("probe %s: could not mark the probe finished in %s", probe_id,
+                                  self.gate.state_path)
         log.info("probe %s of %s: %s in %.1f s", probe_id, self.service.name, report["status"],
                  report["duration_s"])
         if self.on_report is not None:

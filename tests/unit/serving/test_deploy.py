@@ -94,6 +94,29 @@ def test_kserve_layout():
     assert model["storageUri"]
 
 
+def test_kserve_keeps_a_token_requirement_and_fences_metrics():
+    base = ROOT / "deploy" / "kserve"
+    p = properties(base / "config" / "config.properties")
+    docs = {d["kind"]: d for d in yaml.safe_load_all((base / "authorization.yaml").read_text())}
+    isvc = yaml.safe_load((base / "inferenceservice.yaml").read_text())
+    selector = {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"]}
+    if p["disable_token_authorization"] == "true":
+        # Without TorchServe's token check, a policy requiring an authenticated principal must cover the pod.
+        authz = docs["AuthorizationPolicy"]
+        assert authz["spec"]["selector"]["matchLabels"] == selector and authz["spec"]["action"] == "ALLOW"
+        serving_rules = [r for r in authz["spec"]["rules"] if "8080" in r["to"][0]["operation"]["ports"]]
+        assert serving_rules and all(r["from"][0]["source"]["requestPrincipals"] for r in serving_rules)
+        assert docs["RequestAuthentication"]["spec"]["selector"]["matchLabels"] == selector
+    metrics_port = int(p["metrics_address"].rsplit(":", 1)[1])
+    if not p["metrics_address"].startswith("http://127.0.0.1:"):
+        netpol = docs["NetworkPolicy"]["spec"]
+        assert netpol["podSelector"]["matchLabels"] == selector and netpol["policyTypes"] == ["Ingress"]
+        for rule in netpol["ingress"]:
+            if metrics_port in [q["port"] for q in rule["ports"]]:
+                assert rule.get("from"), "the metrics port is open to every source"
+    assert p["decode_input_request"] == "false"  # the handler parses JSON itself, with its limits
+
+
 def test_kserve_declares_the_probe_metrics_and_wires_the_probe_key():
     from serving.serve import metrics_yaml
 
