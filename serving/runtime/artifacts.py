@@ -148,12 +148,15 @@ def verify_artifact(root: str | Path, manifest: ExportManifest, artifact: str) -
     info = manifest.artifacts.get(artifact)
     if info is None:
         raise ArtifactError(f"{root}: spec.json lists no {artifact!r} artifact")
-    path = Path(root) / info.file
+    return _check_file(Path(root) / info.file, info, MANIFEST_NAME, "the file was changed after export; "
+                                                                     "re-export the model")
+
+
+def _check_file(path: Path, info: ArtifactFile, listing: str, fix: str) -> Path:
     if not path.is_file():
-        raise ArtifactError(f"{path} is missing (listed in spec.json)")
+        raise ArtifactError(f"{path} is missing (listed in {listing})")
     if path.stat().st_size != info.bytes or sha256_file(path) != info.sha256:
-        raise ArtifactError(f"{path} does not match the SHA-256 recorded in spec.json: the file was changed "
-                            f"after export; re-export the model")
+        raise ArtifactError(f"{path} does not match the SHA-256 recorded in {listing}: {fix}")
     return path
 
 
@@ -201,10 +204,6 @@ def verify_archive_files(root: str | Path) -> bool:
         raise ArtifactError(f"{root}: file(s) not listed in {ARCHIVE_FILES}: {added[:5]}; the archive was changed "
                             f"after it was built")
     for name, info in files.items():
-        path = root / name
-        if not path.is_file():
-            raise ArtifactError(f"{path} is missing (listed in {ARCHIVE_FILES})")
-        if path.stat().st_size != info.bytes or sha256_file(path) != info.sha256:
-            raise ArtifactError(f"{path} does not match the SHA-256 recorded in {ARCHIVE_FILES}: the archive was "
-                                f"changed after it was built; rebuild it with `robustserve archive`")
+        _check_file(root / name, info, ARCHIVE_FILES, "the archive was changed after it was built; rebuild it "
+                                                      "with `robustserve archive`")
     return True

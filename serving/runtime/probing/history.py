@@ -115,8 +115,8 @@ class ProbeGate:
         self.lock_path = self.root / f"{name}.lock"
         self.state_path = self.root / f"{name}.state.json"
 
-    def acquire(self, probe_id: str, min_interval_s: float, now: Optional[float] = None) -> int:
-        """Returns the held lock's fd (pass it to :meth:`release`); raises Busy or RateLimited."""
+    def _lock(self) -> int:
+        """The gate's lock, taken without waiting: its fd, or Busy with the running probe's state."""
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -124,6 +124,11 @@ class ProbeGate:
         except BlockingIOError:
             os.close(fd)
             raise Busy(self.state()) from None
+        return fd
+
+    def acquire(self, probe_id: str, min_interval_s: float, now: Optional[float] = None) -> int:
+        """Returns the held lock's fd (pass it to :meth:`release`); raises Busy or RateLimited."""
+        fd = self._lock()
         now = time.time() if now is None else now
         last = float(self.state().get("started_unix", 0.0))
         wait = last + min_interval_s - now
@@ -143,13 +148,7 @@ class ProbeGate:
 
     def acquire_for_cleanup(self) -> int:
         """The lock without the rate limit or a new state (to settle a lost probe); raises Busy when held."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise Busy(self.state()) from None
+        fd = self._lock()
         ProbeGate._held[fd] = self.state_path
         return fd
 
