@@ -43,22 +43,14 @@ if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
      >/dev/null 2>&1) || echo "setup: promtool not installed; the rules check will be skipped" >&2
 fi
-# Optional: hey (Debian package hey), the compiled load generator scripts/bench_serving.py drives; only the
-# benchmark needs it, so a failed install here is not an error.
-if ! command -v hey >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
-   && [ -z "${ROBUSTSERVE_NO_HEY:-}" ]; then
-  echo "setup: installing hey for the serving benchmark (ROBUSTSERVE_NO_HEY=1 skips it)"
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends hey \
-     >/dev/null 2>&1) || echo "setup: hey not installed; scripts/bench_serving.py will say so" >&2
-fi
-
-# Optional: hey (Debian), a compiled load generator the reliability soak test drives the server with (a Python
-# client would eat the cores it measures); that test skips without it.
+# Optional: hey (Debian package hey), the compiled load generator scripts/bench_serving.py and the reliability
+# soak test drive the server with (a Python client would eat the cores it measures); without it the benchmark
+# says so and the soak test is skipped, so a failed install here is not an error.
 if ! command -v hey >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
    && [ -z "${ROBUSTSERVE_NO_HEY:-}" ]; then
   echo "setup: installing hey (Debian package hey; ROBUSTSERVE_NO_HEY=1 skips it)"
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends hey \
-     >/dev/null 2>&1) || echo "setup: hey not installed; the soak test will be skipped" >&2
+     >/dev/null 2>&1) || echo "setup: hey not installed; the serving benchmark and the soak test will say so" >&2
 fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
