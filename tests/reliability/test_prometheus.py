@@ -40,7 +40,7 @@ def test_weak_model_fires_the_shipped_alert(rel_store, tmp_path):
     (tmp_path / "quick-rules.yaml").write_text(yaml.safe_dump(quick))
     with running(cfg) as srv:
         mon_yaml = write_config(tmp_path / "monitor.yaml", {
-            "server": cfg.model_dump(mode="json"), "interval_s": 5, "port": 0, "floor": 0.5,
+            "workdir": cfg.workdir, "interval_s": 5, "port": 0, "floor": 0.5,
             "probe": {"attacks": ["fgsm"], "n": 16, "steps": 1}, "wait_s": 60})
         mon = subprocess.Popen(python_m("serving.cli", "monitor", "--config", str(mon_yaml)), cwd=REPO,
                                env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

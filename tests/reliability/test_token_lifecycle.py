@@ -17,7 +17,7 @@ def test_everything_works_past_the_key_expiry(rel_store, tmp_path):
     server_yaml = write_config(tmp_path / "serve.yaml", cfg.model_dump(mode="json"))
     probe = {"attacks": ["fgsm"], "n": 8, "steps": 1}
     mon_yaml = write_config(tmp_path / "monitor.yaml", {
-        "server": cfg.model_dump(mode="json"), "interval_s": 15, "port": 0, "floor": 0.0, "probe": probe,
+        "workdir": cfg.workdir, "interval_s": 15, "port": 0, "floor": 0.0, "probe": probe,
         "wait_s": 60})
     with running(cfg) as srv:
         t0 = time.time()
@@ -30,11 +30,11 @@ def test_everything_works_past_the_key_expiry(rel_store, tmp_path):
             late = time.time()
             st = cli("serving.cli", "status", "--config", str(server_yaml))
             assert st.returncode == 0, st.stdout + st.stderr
-            probe_yaml = write_config(tmp_path / "probe.yaml", {"server": cfg.model_dump(mode="json"),
+            probe_yaml = write_config(tmp_path / "probe.yaml", {"workdir": cfg.workdir,
                                                                 "model": "clf", "probe": probe, "wait_s": 60})
             pr = cli("serving.cli", "probe", "--config", str(probe_yaml))
             assert pr.returncode == 0, pr.stdout + pr.stderr
-            health = cli("serving.serve", "health", "--config", str(server_yaml))
+            health = cli("serving.cli", "health", "--config", str(server_yaml))  # the Dockerfile HEALTHCHECK
             assert health.returncode == 0, health.stdout + health.stderr
             # The monitor's newest probe, made after the first keys expired, succeeded.
             deadline = time.time() + 60
