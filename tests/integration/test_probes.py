@@ -205,6 +205,7 @@ def test_retrieval_probe_against_the_gallery(server):
                          cfg.seed, cfg.batch_size)
     assert row["raw"] == pytest.approx(off["raw"])
     assert row["ers_lite"] == pytest.approx(off["ERS_lite"])
+    assert row["terms_se"] == pytest.approx(off["terms_se"]) and set(row["terms_se"]) == {"ES:D", "ES:R", "GTT"}
     assert row["recall_at_1_attacked"] == pytest.approx(off["raw"]["ES:R"] / 100)
     assert 0 < row["embedding_shift"] <= 2
     assert wait_for_metric(server, "robustserve_probe_ers_lite", {"ModelName": "ret"}) == pytest.approx(

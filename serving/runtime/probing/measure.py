@@ -129,7 +129,8 @@ def retrieval_probe(module: nn.Module, serve: ServeFn, probes: ProbeSet, cfg: Pr
             e_serve[rows_] = e
         raw = suite["raw"]
         rows.append({"eps": eps, "recall_at_1_attacked": raw["ES:R"] / 100.0, "embedding_shift": raw["ES:D"],
-                     "ers_lite": suite["ERS_lite"], "terms": suite["terms"], "raw": raw,
+                     "ers_lite": suite["ERS_lite"], "terms": suite["terms"], "terms_se": suite["terms_se"],
+                     "raw": raw,
                      "transfer_recall_at_1_attacked": r1(e_serve),
                      "seconds": {**suite["seconds"], "total": round(time.perf_counter() - t0, 2)}})
     return {"n": n, "gallery": int(len(g)), "self_matches_excluded": int((self_idx >= 0).sum()),
