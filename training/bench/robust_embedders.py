@@ -143,6 +143,7 @@ def summarise(cfg: BenchConfig, reports: dict[str, dict], step_seconds: dict[str
         # step_seconds holds the mean seconds of one trainer epoch (steps_per_epoch batches, or a full one).
         per_step = step_seconds[v] / (steps or full_epoch_batches)
         rows[v] = {"benign": r["benign"], "attacks": r["attacks"], "terms": r["terms"], "ERS": r["ERS"],
+                   "terms_se": r.get("terms_se"), "ERS_se": r.get("ERS_se"),
                    "pgd_steps_per_batch": round(pgd_steps[v], 2),
                    "image_gradients_per_batch": image_gradients_per_batch(VARIANTS[v][0], pgd_steps[v],
                                                                           cfg.batch_size),
@@ -155,6 +156,23 @@ def summarise(cfg: BenchConfig, reports: dict[str, dict], step_seconds: dict[str
             "machine": {"platform": platform.platform(), "torch": torch.__version__,
                         "threads": torch.get_num_threads()},
             "variants": rows}
+
+
+def _se(row: dict) -> str:
+    """' +- SE' of the ERS (results written before standard errors were recorded have none)."""
+    se = row.get("ERS_se")
+    return "" if se is None else f" +- {se:.1f}"
+
+
+def _term_se_line(summary: dict) -> list[str]:
+    rows = {v: r["terms_se"] for v, r in summary["variants"].items() if r.get("terms_se")}
+    if not rows:
+        return ["", "Standard errors: not recorded in this results file (it predates them)."]
+    names = list(next(iter(rows.values())))
+    out = ["", "Standard error of each ERS term (over queries):", "",
+           "| variant | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    out += [f"| {v} | " + " | ".join(f"{se[k]:.2f}" for k in names) + " |" for v, se in rows.items()]
+    return out
 
 
 def markdown(summary: dict) -> str:
@@ -183,8 +201,10 @@ def markdown(summary: dict) -> str:
         lines.append(
             f"| {v} | {b['R@1']:.1f} | {b['R@2']:.1f} | {b['mAP']:.1f} | {b['NMI']:.1f} | {a['CA+']:.1f} | "
             f"{a['CA-']:.1f} | {a['QA+']:.1f} | {a['QA-']:.1f} | {a['TMA']:.3f} | {a['ES:D']:.3f} | {a['ES:R']:.1f} | "
-            f"{a['LTM']:.1f} | {a['GTM']:.1f} | {a['GTT']:.1f} | **{r['ERS']:.1f}** | {r['pgd_steps_per_batch']} | "
+            f"{a['LTM']:.1f} | {a['GTM']:.1f} | {a['GTT']:.1f} | **{r['ERS']:.1f}**{_se(r)} | "
+            f"{r['pgd_steps_per_batch']} | "
             f"{grads:g} | {r['seconds_per_batch']} | {pub_s} |")
+    lines += _term_se_line(summary)
     return "\n".join(lines) + "\n"
 
 
