@@ -19,6 +19,7 @@ import base64
 import io
 import json
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -116,7 +117,9 @@ def bench(export_dir: Path, repeats: int) -> dict[str, Any]:
     return {
         "suite": "decode-budget",
         "command": "python scripts/bench_decode.py",
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        # Other jobs on the machine slow every row alike; the load average says how busy it was.
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "load_average_1m": round(os.getloadavg()[0], 2)},
         "model": {"input": [svc.spec.channels, *svc.spec.input_size]},
         "budgets": {"max_image_pixels": budgets(svc)[0], "max_request_pixels": budgets(svc)[1],
                     "max_image_bytes": svc.settings.max_image_bytes,
@@ -139,7 +142,8 @@ def markdown(result: dict) -> str:
         f"{b['max_request_pixels']:,} per request, {b['max_image_bytes']:,} bytes per image, "
         f"{b['max_images_per_request']} images per request. Each maximal request (random noise, the slowest "
         f"content to decompress) went {result['repeats']} times through `ModelService.decode_all`, the handler's "
-        f"path; it must be accepted (status 200).",
+        f"path; it must be accepted (status 200). Machine: {result['machine']['cpus']} CPUs, 1-minute load "
+        f"average {result['machine']['load_average_1m']} while it ran.",
         "",
         "| request | body bytes | status | median s | max s |",
         "|---|---|---|---|---|",
@@ -168,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.path.insert(0, str(ROOT))
-    from scripts.bench_serving import untrained_export
+    from serving.bench.load import untrained_export
 
     with tempfile.TemporaryDirectory() as tmp:
-        export_dir = Path(args.export) if args.export else untrained_export(Path(tmp))
+        export_dir = Path(args.export) if args.export else untrained_export(Path(tmp), "smallcnn")
         result = bench(export_dir, args.repeats)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
