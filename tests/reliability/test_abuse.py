@@ -35,19 +35,21 @@ def srv(rel_store, tmp_path_factory):
         yield s
 
 
-def _img(a: np.ndarray, fmt: str, **kw) -> bytes:
+def _img(a: np.ndarray | Image.Image, fmt: str, **kw) -> bytes:
+    img = a if isinstance(a, Image.Image) else Image.fromarray(a)
     buf = io.BytesIO()
-    Image.fromarray(a).save(buf, fmt, **kw) if not isinstance(a, Image.Image) else a.save(buf, fmt, **kw)
+    img.save(buf, fmt, **kw)
     return buf.getvalue()
 
 
-def _multipart(fields: dict[str, tuple[bytes, str]]) -> tuple[bytes, str]:
+def _multipart(fields: dict[str, tuple[bytes, str]]) -> tuple[bytes, dict]:
+    """A multipart/form-data body of ``{name: (value, content type)}`` and its headers."""
     boundary = "robustserveboundary"
     out = b""
     for name, (value, ctype) in fields.items():
         out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}\"\r\n"
                 f"Content-Type: {ctype}\r\n\r\n").encode() + value + b"\r\n"
-    return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+    return out + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
 def _v2(inp: dict) -> bytes:
@@ -95,20 +97,13 @@ def hostile_cases(probe_key: str) -> list[tuple[str, str, bytes, dict, int]]:
         ("negative header option", PATH, good, {"Content-Type": PNG, "X-Top-K": "-1"}, 400),
         ("huge header option", PATH, good, {"Content-Type": PNG, "X-Top-K": "1" + "0" * 30}, 400),
         ("non-integer header option", PATH, good, {"Content-Type": PNG, "X-Top-K": "three"}, 400),
-        ("unknown multipart field", PATH, *reversed(_pair(_multipart({"data": (good, PNG), "topk": (b"3", "text/plain")}))),
-         400),
-        ("bad multipart option", PATH, *reversed(_pair(_multipart({"data": (good, PNG), "top_k": (b"x", "text/plain")}))),
-         400),
+        ("unknown multipart field", PATH, *_multipart({"data": (good, PNG), "topk": (b"3", "text/plain")}), 400),
+        ("bad multipart option", PATH, *_multipart({"data": (good, PNG), "top_k": (b"x", "text/plain")}), 400),
         ("probe step Infinity", PATH, b'{"probe": {"step": Infinity}}', probe, 400),
         ("probe eps off its grid", PATH, b'{"probe": {"eps": [0.0314159]}}', probe, 400),
         ("probe with an unknown attack", PATH, b'{"probe": {"attacks": ["rm -rf"]}}', probe, 400),
     ]
     return c
-
-
-def _pair(body_ctype: tuple[bytes, str]) -> tuple[dict, bytes]:
-    body, ctype = body_ctype
-    return {"Content-Type": ctype}, body
 
 
 def odd_but_valid() -> list[tuple[str, bytes, str]]:
