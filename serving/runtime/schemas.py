@@ -3,7 +3,8 @@
 Native requests (one image each; a server batches requests together):
   classification  {"image": "<base64 PNG/JPEG>"} or {"tensor": {"shape": [C, H, W], "data": [...]}}, "top_k": 3
   retrieval       the same input, "k": 10, "output": "neighbors" | "embedding" | "both"
-Raw PNG/JPEG bytes are accepted as the whole body too; ``top_k``/``k``/``output`` may then come as query parameters.
+Raw PNG/JPEG bytes are accepted as the whole body too. ``top_k``/``k``/``output`` may also come as headers
+(``X-Top-K``, ``X-K``, ``X-Output``) or multipart form fields (a host's parameters), beside raw bytes or a JSON body.
 """
 from __future__ import annotations
 

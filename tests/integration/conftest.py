@@ -90,8 +90,9 @@ class Server:
             parsed = raw.decode("utf-8", "replace")
         return Response(r.status, parsed, hdrs)
 
-    def predict(self, model: str, png: bytes, headers: Optional[dict] = None, **kw) -> Response:
-        return self.request("POST", f"/predictions/{model}", png,
+    def predict(self, model: str, png: bytes, headers: Optional[dict] = None, path_suffix: str = "",
+                **kw) -> Response:
+        return self.request("POST", f"/predictions/{model}{path_suffix}", png,
                             {"Content-Type": "image/png", **(headers or {})}, **kw)
 
     def post_json(self, path: str, doc: Any, **kw) -> Response:

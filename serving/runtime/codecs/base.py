@@ -149,8 +149,12 @@ def validation_message(e: ValidationError) -> str:
 
 
 def validate(model: type[BaseModel], body: Any) -> Any:
-    """``model.model_validate(body)``, a validation failure answered as a 400 that lists what was wrong."""
+    """``model.model_validate(body)``, a validation failure answered as a 400 that lists what was wrong (and,
+    for a key the model does not take, the keys it does)."""
     try:
         return model.model_validate(body)
     except ValidationError as e:
-        raise InvalidInput(validation_message(e)) from None
+        msg = validation_message(e)
+        if any(err["type"] == "extra_forbidden" and len(err["loc"]) == 1 for err in e.errors()):
+            msg += f"; valid keys: {', '.join(model.model_fields)}"
+        raise InvalidInput(msg) from None

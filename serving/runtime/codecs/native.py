@@ -16,6 +16,18 @@ def _text(v: Any) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)
 
 
+def _merge(in_body: dict[str, Any], beside: dict[str, Any], given: Any) -> dict[str, Any]:
+    """The JSON body's options with those given beside it (``beside``: validated and completed; ``given``: the
+    keys actually sent). The same key with two different values is an error, not a silent choice."""
+    out = dict(in_body)
+    for key in given:
+        if key in out and out[key] != beside[key]:
+            raise InvalidInput(f"{key} is given twice with different values: {out[key]!r} in the JSON body and "
+                               f"{beside[key]!r} beside it (header or parameter); give it once")
+        out[key] = beside[key]
+    return out
+
+
 class NativeCodec(Codec):
     name = "native"
 
@@ -35,7 +47,10 @@ class NativeCodec(Codec):
                                       max_pixels=max_pixels)[None]
             else:
                 x = tensor_input_to_array(req.tensor, target.spec, max_images=1)
-            opts = target.check_options(req.model_dump(exclude={"image", "tensor"}, exclude_none=True))
+            opts = req.model_dump(exclude={"image", "tensor"}, exclude_unset=True, exclude_none=True)
+            if raw.params:  # options sent beside a JSON body (headers, a host's parameters) count as well
+                opts = _merge(opts, target.options({k: _text(v) for k, v in raw.params.items()}), raw.params)
+            opts = target.check_options(opts)
         return TaskInput(x, opts, target.native_fields(opts), self)
 
     def encode(self, item: TaskInput, responses: list[BaseModel], target: CodecTarget) -> dict[str, Any]:

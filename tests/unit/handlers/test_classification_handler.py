@@ -51,6 +51,30 @@ def test_batch_of_raw_form_and_json_requests(handler, reference):
     assert metrics[("counter", "InferredImages")] == 3 and metrics[("counter", "InvalidRequests")] == 0
 
 
+def test_every_option_as_json_key_header_query_parameter_or_form_field(handler):
+    """top_k reaches the model however it is sent: in the JSON body, as a header beside a JSON body, as a request
+    parameter (an item key, as TorchServe hands over form fields) beside JSON or raw bytes; the same key twice with
+    two values is refused, and an unknown JSON key is answered with the valid ones."""
+    x, _ = sample_images(1)
+    png = encode(x[0])
+    b64 = base64.b64encode(png).decode()
+    as_json = json.dumps({"image": b64}).encode()
+    heads = [{}, {"X-Top-K": "2"}, {}, {}, {}, {"X-Top-K": "2"}, {}]
+    ctx = MockContext(handler.service.root, "clf", headers=heads)
+    data = [{"body": json.dumps({"image": b64, "top_k": 1}).encode()},  # JSON key
+            {"body": as_json},  # header beside JSON
+            {"body": as_json, "top_k": b"4"},  # a parameter beside JSON
+            {"body": png, "top_k": b"5"},  # a parameter beside raw bytes
+            {"data": png, "top_k": b"6"},  # multipart form field
+            {"body": json.dumps({"image": b64, "top_k": 1}).encode()},  # JSON 1, header 2: which one?
+            {"body": json.dumps({"data": b64}).encode()}]
+    out = [json.loads(r) for r in handler.handle(data, ctx)]
+    assert [ctx.status(i) for i in range(7)] == [200] * 5 + [400, 400]
+    assert [len(o["predictions"]) for o in out[:5]] == [1, 2, 4, 5, 6]
+    assert "top_k is given twice" in out[5]["error"]["message"]
+    assert "valid keys: image, tensor, top_k" in out[6]["error"]["message"]
+
+
 def test_one_bad_item_answers_its_own_400(handler, reference):
     x, _ = sample_images(4)
     ctx = MockContext(handler.service.root, "clf")
