@@ -90,7 +90,7 @@ def test_classifier_probe_equals_the_offline_evaluation(server, clf_report, trai
                                   batch_size=cfg.batch_size, sanity=False)
         assert res["clean_accuracy"] == off["clean_accuracy"]
         assert row["attacks"] == off["results"][0]["attacks"]
-        assert list(row["attacks"]) == ["PGD-10", "CW-10", "APGD-CE"]  # cascade order, kept through the history
+        assert list(row["attacks"]) == ["PGD-10", "CW-10", "APGD-CE-10"]  # cascade order, kept through the history
         assert row["worst_case"] == off["results"][0]["worst_case"]
         lo, hi = row["worst_case_ci95"]
         assert lo <= row["worst_case"] <= hi

@@ -7,7 +7,7 @@ checkpoint periods, and no step-size halving by condition 2 at the first checkpo
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -116,6 +116,7 @@ def _run(loss_fn: LossFn, x0: torch.Tensor, start: torch.Tensor, ball: LpBall, s
     return where(found, x_won, x_best), loss_best, found
 
 
+@register_attack
 class APGD(Attack):
     """APGD-CE / APGD-DLR (Croce & Hein, ICML 2020), as in AutoAttack.
 
@@ -129,7 +130,8 @@ class APGD(Attack):
         ball: threat model.
         steps: iterations. Default 100 (AutoAttack).
         loss: objective name, 'ce' or 'dlr' (any name of :data:`OBJECTIVES` works; a targeted one
-            needs ``target`` and counts success as prediction == target). Default 'ce'.
+            needs ``target`` and counts success as prediction == target). Default: the class's ``loss``,
+            'ce' (registered as 'apgd-ce'; :class:`APGDDLR` is 'apgd-dlr').
         restarts: random restarts. Default 1.
         rho: step-size halving threshold. Default 0.75.
         momentum: Default 0.75.
@@ -138,14 +140,18 @@ class APGD(Attack):
     Shapes: x [B, C, H, W], y [B] int64, target [B] int64 (targeted objectives only) -> x_adv like x.
     """
 
-    def __init__(self, model: nn.Module, ball: LpBall, steps: int = 100, *, loss: str = "ce", restarts: int = 1,
-                 rho: float = 0.75, momentum: float = 0.75, seed: int = 0,
+    name = "apgd-ce"
+    title = "APGD-CE"
+    loss: ClassVar[str] = "ce"
+
+    def __init__(self, model: nn.Module, ball: LpBall, steps: int = 100, *, loss: Optional[str] = None,
+                 restarts: int = 1, rho: float = 0.75, momentum: float = 0.75, seed: int = 0,
                  generator: Optional[torch.Generator] = None) -> None:
         super().__init__(model, ball, seed=seed, generator=generator)
         if steps < 0 or restarts < 1:
             raise ValueError(f"need steps >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
         self.steps = steps
-        self.objective = get_objective(loss)
+        self.objective = get_objective(loss or self.loss)
         self.restarts = restarts
         self.rho = rho
         self.momentum = momentum
@@ -166,13 +172,12 @@ class APGD(Attack):
         return x_adv
 
 
-@register_attack("apgd-ce")
-def _build_apgd_ce(model: nn.Module, ball: LpBall, *, steps: Optional[int], restarts: int, seed: int,
-                   **kw) -> APGD:
-    return APGD(model, ball, 100 if steps is None else steps, loss="ce", restarts=restarts, seed=seed, **kw)
+@register_attack
+class APGDDLR(APGD):
+    """APGD on the DLR loss (Croce & Hein, ICML 2020): :class:`APGD` with ``loss='dlr'``. Offline evaluation
+    only: the in-server probes run APGD-T, its targeted form."""
 
-
-@register_attack("apgd-dlr")
-def _build_apgd_dlr(model: nn.Module, ball: LpBall, *, steps: Optional[int], restarts: int, seed: int,
-                    **kw) -> APGD:
-    return APGD(model, ball, 100 if steps is None else steps, loss="dlr", restarts=restarts, seed=seed, **kw)
+    name = "apgd-dlr"
+    title = "APGD-DLR"
+    loss: ClassVar[str] = "dlr"
+    probe = False

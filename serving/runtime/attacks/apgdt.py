@@ -17,6 +17,7 @@ from serving.runtime.attacks.pgd import classifier_loss
 from serving.runtime.attacks.threat import LpBall
 
 
+@register_attack
 class APGDT(Attack):
     """APGD-T (Croce & Hein, ICML 2020): for each of the ``n_target_classes`` classes the model ranks
     highest after the true one on the clean input, in that order, run APGD on the targeted DLR loss
@@ -40,6 +41,15 @@ class APGDT(Attack):
 
     Shapes: x [B, C, H, W], y [B] int64 -> x_adv like x. Takes no ``target``.
     """
+
+    name = "apgd-t"
+    title = "APGD-T"
+
+    @classmethod
+    def label(cls, steps: Optional[int] = None, **options) -> str:
+        """'APGD-T-<steps>x<target classes>', e.g. 'APGD-T-100x9': the budget is steps per target class."""
+        n = options.get("n_target_classes") or cls.defaults()["n_target_classes"]
+        return f"{super().label(steps)}x{n}"
 
     def __init__(self, model: nn.Module, ball: LpBall, steps: int = 100, *, n_target_classes: int = 9,
                  restarts: int = 1, rho: float = 0.75, momentum: float = 0.75, seed: int = 0,
@@ -82,9 +92,3 @@ class APGDT(Attack):
             x_adv[idx[keep]] = xa[keep]
             robust[idx[fooled]] = False
         return x_adv
-
-
-@register_attack("apgd-t")
-def _build_apgdt(model: nn.Module, ball: LpBall, *, steps: Optional[int], restarts: int, seed: int,
-                 **kw) -> APGDT:
-    return APGDT(model, ball, 100 if steps is None else steps, restarts=restarts, seed=seed, **kw)

@@ -7,7 +7,8 @@ parameter gradients, detached output inside the ball and box); a subclass writes
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ClassVar, Iterator, Optional, Union
+import inspect
+from typing import Any, Callable, ClassVar, Iterator, Optional, TypeVar, Union
 
 import torch
 from torch import nn
@@ -99,9 +100,39 @@ class Attack:
         ball: the threat model (norm, eps, step, box).
         seed: seeds a fresh CPU ``torch.Generator`` when ``generator`` is None. Default 0.
         generator: a generator to draw from instead (it advances across calls).
+
+    A subclass registered with :func:`register_attack` sets ``name`` (the registry key, lower case),
+    ``title`` (the display name before the step budget) and ``probe`` (whether an in-server probe may run
+    it); its defaults (``steps``, ...) are read from its constructor's signature. An attack whose
+    constructor takes no ``steps`` takes exactly one step and no restarts.
     """
 
     name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    probe: ClassVar[bool] = True
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The constructor's options with their defaults (``steps`` is 1 for a one-step attack); the model,
+        the ball and the randomness (``seed``, ``generator``) are not options."""
+        out = {"steps": 1}
+        for p in list(inspect.signature(cls.__init__).parameters.values())[3:]:
+            if p.name not in ("seed", "generator") and p.default is not inspect.Parameter.empty:
+                out[p.name] = p.default
+        return out
+
+    @classmethod
+    def takes(cls, option: str) -> bool:
+        """Whether the constructor takes ``option`` (e.g. 'steps', 'restarts', 'n_target_classes')."""
+        return option in inspect.signature(cls.__init__).parameters
+
+    @classmethod
+    def label(cls, steps: Optional[int] = None, **options: Any) -> str:
+        """The display name with the step budget, e.g. 'PGD-20' ('FGSM' for a one-step attack); ``steps``
+        None is the attack's default."""
+        if not cls.takes("steps"):
+            return cls.title
+        return f"{cls.title}-{cls.defaults()['steps'] if steps is None else steps}"
 
     def __init__(self, model: nn.Module, ball: LpBall, *, seed: int = 0,
                  generator: Optional[torch.Generator] = None) -> None:
@@ -153,25 +184,30 @@ def check_target(objective: Objective, target: Optional[torch.Tensor]) -> None:
 
 # --- registry -----------------------------------------------------------------------------------
 
-Builder = Callable[..., Attack]
-_ATTACKS: dict[str, Builder] = {}
+A = TypeVar("A", bound=type[Attack])
+_ATTACKS: dict[str, type[Attack]] = {}
 
 
-def register_attack(name: str) -> Callable[[Builder], Builder]:
-    """Registers ``builder(model, ball, *, steps, restarts, seed, **kw) -> Attack`` under ``name``.
-    ``steps`` is None when the caller left it to the attack's default."""
-
-    def deco(builder: Builder) -> Builder:
-        if name in _ATTACKS:
-            raise ValueError(f"attack {name!r} registered twice")
-        _ATTACKS[name] = builder
-        return builder
-
-    return deco
+def register_attack(cls: A) -> A:
+    """Class decorator: registers an :class:`Attack` subclass under its ``name``; the registry is the only list
+    of attack names (configs, probes and tests read it)."""
+    if not cls.name or not cls.title:
+        raise ValueError(f"{cls.__name__} needs a name and a title to be registered")
+    if cls.name in _ATTACKS:
+        raise ValueError(f"attack {cls.name!r} registered twice")
+    _ATTACKS[cls.name] = cls
+    return cls
 
 
 def list_attacks() -> list[str]:
     return sorted(_ATTACKS)
+
+
+def get_attack(name: str) -> type[Attack]:
+    """The registered attack class, or ValueError naming the registered ones."""
+    if name not in _ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; choose one of {', '.join(list_attacks())}")
+    return _ATTACKS[name]
 
 
 def build_attack(name: str, model: nn.Module, threat: Union[ThreatModel, LpBall], steps: Optional[int] = None,
@@ -183,14 +219,21 @@ def build_attack(name: str, model: nn.Module, threat: Union[ThreatModel, LpBall]
         model: classifier, [0, 1] images [B, C, H, W] -> logits [B, K].
         threat: the threat model; its ``step`` is the step of 'pgd' and 'cw' (FGSM steps by eps,
             APGD sets its own schedule from 2 * eps).
-        steps: iterations; None for the attack's default (PGD/CW 10, APGD 100; FGSM takes exactly 1).
-        restarts: random restarts (FGSM: only 1).
+        steps: iterations; None for the attack's default (its constructor's; a one-step attack takes 1).
+        restarts: random restarts (a one-step attack: only 1).
         seed: seeds the attack's generator (ignored when ``generator=`` is passed in ``kw``).
         kw: attack-specific options (e.g. ``objective=`` for 'pgd', ``n_target_classes=`` for 'apgd-t').
     """
-    if name not in _ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; choose one of {', '.join(list_attacks())}")
+    cls = get_attack(name)
     if steps is not None and steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if not cls.takes("steps"):
+        if steps not in (None, 1) or restarts != 1:
+            raise ValueError(f"{name} takes exactly one step and no restarts; got steps={steps}, "
+                             f"restarts={restarts}")
+    else:
+        if steps is not None:
+            kw["steps"] = steps
+        kw["restarts"] = restarts
     ball = threat if isinstance(threat, LpBall) else LpBall.from_threat(threat)
-    return _ATTACKS[name](model, ball, steps=steps, restarts=restarts, seed=seed, **kw)
+    return cls(model, ball, seed=seed, **kw)

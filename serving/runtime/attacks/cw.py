@@ -15,6 +15,7 @@ from serving.runtime.attacks.pgd import PGD
 from serving.runtime.attacks.threat import LpBall
 
 
+@register_attack
 class CW(PGD):
     """PGD maximising the margin max_{k != y} z_k - z_y (or z_t - max_{k != t} z_k when targeted).
 
@@ -36,13 +37,11 @@ class CW(PGD):
     Shapes: x [B, C, H, W], y [B] int64, target [B] int64 (targeted only) -> x_adv like x.
     """
 
+    name = "cw"
+    title = "CW"
+
     def __init__(self, model: nn.Module, ball: LpBall, steps: int = 10, *, targeted: bool = False,
                  random_start: bool = True, restarts: int = 1, seed: int = 0,
                  generator: Optional[torch.Generator] = None) -> None:
         super().__init__(model, ball, steps, objective="targeted_cw" if targeted else "cw",
                          random_start=random_start, restarts=restarts, seed=seed, generator=generator)
-
-
-@register_attack("cw")
-def _build_cw(model: nn.Module, ball: LpBall, *, steps: Optional[int], restarts: int, seed: int, **kw) -> CW:
-    return CW(model, ball, 10 if steps is None else steps, restarts=restarts, seed=seed, **kw)

@@ -15,6 +15,7 @@ from serving.runtime.attacks.pgd import classifier_loss, pgd
 from serving.runtime.attacks.threat import LpBall
 
 
+@register_attack
 class FGSM(Attack):
     """One gradient step of length eps from the clean point (Goodfellow et al., ICLR 2015).
 
@@ -31,6 +32,9 @@ class FGSM(Attack):
     Shapes: x [B, C, H, W], y [B] int64, target [B] int64 (targeted objectives only) -> x_adv like x.
     """
 
+    name = "fgsm"
+    title = "FGSM"
+
     def __init__(self, model: nn.Module, ball: LpBall, *, objective: str = "ce", seed: int = 0,
                  generator: Optional[torch.Generator] = None) -> None:
         super().__init__(model, ball.with_step(ball.eps), seed=seed, generator=generator)
@@ -40,10 +44,3 @@ class FGSM(Attack):
         check_target(self.objective, target)
         loss = classifier_loss(LogitCache(self.model), self.objective, y, target)
         return pgd(loss, x, self.ball, steps=1, random_start=False)
-
-
-@register_attack("fgsm")
-def _build_fgsm(model: nn.Module, ball: LpBall, *, steps: Optional[int], restarts: int, seed: int, **kw) -> FGSM:
-    if steps not in (None, 1) or restarts != 1:
-        raise ValueError(f"fgsm takes exactly one step and no restarts; got steps={steps}, restarts={restarts}")
-    return FGSM(model, ball, seed=seed, **kw)

@@ -69,6 +69,7 @@ def classifier_loss(cache: LogitCache, objective: Objective, y: Optional[torch.T
     return lambda xa: objective(cache(xa), y, target)
 
 
+@register_attack
 class PGD(Attack):
     """Projected gradient descent (Madry et al., ICLR 2018) on a classification objective.
 
@@ -88,6 +89,9 @@ class PGD(Attack):
 
     Shapes: x [B, C, H, W], y [B] int64, target [B] int64 (targeted objectives only) -> x_adv like x.
     """
+
+    name = "pgd"
+    title = "PGD"
 
     def __init__(self, model: nn.Module, ball: LpBall, steps: int = 10, *, objective: str = "ce",
                  random_start: bool = True, restarts: int = 1, seed: int = 0,
@@ -135,8 +139,3 @@ def targeted_pgd(model: nn.Module, x: torch.Tensor, target: torch.Tensor, ball: 
         t = target.detach().clone()
         return pgd(lambda xa: objective(model(xa), None, t), x, ball, steps, random_start=random_start,
                    generator=generator)
-
-
-@register_attack("pgd")
-def _build_pgd(model: nn.Module, ball: LpBall, *, steps: Optional[int], restarts: int, seed: int, **kw) -> PGD:
-    return PGD(model, ball, 10 if steps is None else steps, restarts=restarts, seed=seed, **kw)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from tqdm import tqdm
 
@@ -21,13 +21,37 @@ AdversarialSink = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 class AttackSpec(Frozen):
-    """One attack of a suite. eps comes from the evaluation's (or probe's) eps list."""
+    """One attack of a suite. eps comes from the evaluation's (or probe's) eps list. ``name`` is a registered
+    attack (:func:`serving.runtime.attacks.list_attacks`); ``steps`` left out is that attack's default (1 for
+    FGSM, 10 for PGD and CW, 100 for APGD)."""
 
-    name: Literal["fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "apgd-dlr"]
-    steps: int = Field(20, ge=1)
+    name: str
+    steps: int = Field(None, ge=1)  # type: ignore[assignment]  (None is replaced by the attack's default)
     restarts: int = Field(1, ge=1)
     step_ratio: float = Field(0.25, gt=0)  # step = step_ratio * eps (PGD, CW)
     norm: Literal["linf", "l2"] = "linf"
+    n_target_classes: int = Field(9, ge=1)  # APGD-T: target classes tried (AutoAttack's 9)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _registered(cls, data: Any) -> Any:
+        from serving.runtime.attacks import get_attack
+
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            return data
+        attack = get_attack(data["name"])  # ValueError naming the registered attacks
+        steps = data.get("steps")
+        if steps is None:
+            return {**data, "steps": attack.defaults()["steps"]}
+        if not attack.takes("steps") and steps != 1:
+            raise ValueError(f"{data['name']} takes exactly 1 step, got steps={steps}")
+        return data
+
+    def options(self) -> dict[str, Any]:
+        """The attack-specific options this attack's constructor takes (``n_target_classes`` for APGD-T)."""
+        from serving.runtime.attacks import get_attack
+
+        return {"n_target_classes": self.n_target_classes} if get_attack(self.name).takes("n_target_classes") else {}
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -53,7 +77,8 @@ def make_attack(spec: AttackSpec, model: nn.Module, eps: float, seed: int):
     from serving.runtime.attacks import build_attack
 
     threat = ThreatModel(norm=spec.norm, eps=eps, step=max(spec.step_ratio * eps, 1e-8))
-    return build_attack(spec.name, model, threat, steps=spec.steps, restarts=spec.restarts, seed=seed)
+    return build_attack(spec.name, model, threat, steps=spec.steps, restarts=spec.restarts, seed=seed,
+                        **spec.options())
 
 
 def run_attack_on(model: nn.Module, attack_spec: AttackSpec, x: torch.Tensor, y: torch.Tensor, eps: float,
@@ -107,10 +132,11 @@ def _check_deadline(deadline: Optional[float], where: str) -> None:
 
 
 def label(a: AttackSpec) -> str:
-    if a.name == "fgsm":
-        return "FGSM"
-    names = {"pgd": "PGD", "cw": "CW", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "apgd-dlr": "APGD-DLR"}
-    return f"{names[a.name]}-{a.steps}" if a.name in ("pgd", "cw") else names[a.name]
+    """The attack's display name with its step budget: 'FGSM', 'PGD-20', 'CW-20', 'APGD-CE-100', 'APGD-T-100x9'
+    (the column names of results JSON)."""
+    from serving.runtime.attacks import get_attack
+
+    return get_attack(a.name).label(a.steps, **a.options())
 
 
 # --- gradient-masking checks (SPEC section 3) ------------------------------------------------------------------

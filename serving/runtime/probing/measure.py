@@ -32,8 +32,11 @@ ServeFn = Callable[[np.ndarray], np.ndarray]
 
 def attack_specs(cfg: ProbeConfig, eps: float) -> list[AttackSpec]:
     ratio = cfg.step / eps if cfg.step is not None else cfg.step_ratio
-    return [AttackSpec(name=a, steps=1 if a == "fgsm" else cfg.steps, step_ratio=ratio, norm=cfg.norm)
-            for a in cfg.attacks]
+    from serving.runtime.attacks import get_attack
+
+    # A one-step attack (FGSM) keeps its one step whatever the probe's budget.
+    return [AttackSpec(name=a, steps=cfg.steps if get_attack(a).takes("steps") else None, step_ratio=ratio,
+                       norm=cfg.norm) for a in cfg.attacks]
 
 
 def _serve_labels(serve: ServeFn, x: torch.Tensor, batch_size: int) -> torch.Tensor:

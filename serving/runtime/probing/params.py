@@ -7,8 +7,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serving.runtime.spec import Frozen
 
-CLASSIFIER_ATTACKS = ("pgd", "cw", "apgd-ce", "apgd-t", "fgsm")
-RETRIEVAL_ATTACKS = ("ES", "CA+", "CA-", "QA+", "QA-", "TMA", "LTM", "GTM", "GTT")
 DEFAULT_CLASSIFIER_ATTACKS = ("pgd", "cw", "apgd-ce")
 # ES gives Recall@1 under attack and the embedding shift; QA- and GTT are the cheapest ranking attacks on the
 # query side.
@@ -31,6 +29,21 @@ class ProbeSettings(Frozen):
     min_interval_s: float = Field(10.0, ge=0)  # between two probe starts of one model
     batch_size: int = Field(128, ge=1)
     threads: int = Field(1, ge=1)  # torch intra-op threads for the attack; serving keeps its own
+
+
+def classifier_attacks() -> tuple[str, ...]:
+    """The registered classification attacks an in-server probe may run (their ``probe`` flag)."""
+    from serving.runtime.attacks import get_attack, list_attacks
+
+    return tuple(a for a in list_attacks() if get_attack(a).probe)
+
+
+def retrieval_attacks() -> tuple[str, ...]:
+    """The ranking attacks (:data:`serving.runtime.attacks.ranking.RANK_ATTACKS`), every one of which a probe
+    may run."""
+    from serving.runtime.attacks.ranking import RANK_ATTACKS
+
+    return RANK_ATTACKS
 
 
 class _Strict(BaseModel):
@@ -72,7 +85,7 @@ def resolve(req: ProbeRequest, task: str, threat_eps: Optional[float], input_siz
     """A start request -> its full configuration, or InvalidInput saying which limit or value is wrong."""
     from serving.runtime.errors import InvalidInput
 
-    allowed = CLASSIFIER_ATTACKS if task == "classification" else RETRIEVAL_ATTACKS
+    allowed = classifier_attacks() if task == "classification" else retrieval_attacks()
     attacks = tuple(req.attacks) if req.attacks else (
         DEFAULT_CLASSIFIER_ATTACKS if task == "classification" else DEFAULT_RETRIEVAL_ATTACKS)
     bad = [a for a in attacks if a not in allowed]

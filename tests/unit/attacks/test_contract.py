@@ -6,18 +6,37 @@ import torch
 from torch import nn
 
 from serving.runtime.spec import ThreatModel
-from serving.runtime.attacks import build_attack, list_attacks
+from serving.runtime.attacks import build_attack, get_attack, list_attacks
+from tests.unit.attacks._cases import FAST_BUDGET, fast_options
 
 NORMS = {"linf": ThreatModel(norm="linf", eps=0.03, step=0.0075), "l2": ThreatModel(norm="l2", eps=1.0, step=0.25)}
 CASES = [(name, norm) for name in list_attacks() for norm in NORMS]
-FAST = {"fgsm": {}, "pgd": {"steps": 5}, "cw": {"steps": 5}, "apgd-ce": {"steps": 5}, "apgd-dlr": {"steps": 5},
-        "apgd-t": {"steps": 5, "n_target_classes": 3}}
+FAST = {name: fast_options(name) for name in list_attacks()}
 
 
 def test_registry_lists_the_suite():
     assert list_attacks() == ["apgd-ce", "apgd-dlr", "apgd-t", "cw", "fgsm", "pgd"]
     with pytest.raises(ValueError, match="choose one of"):
         build_attack("pgd-typo", nn.Linear(2, 2), NORMS["linf"])
+
+
+def test_fast_budget_cuts_every_costly_option():
+    """Guard for the derived tables: an attack whose constructor has an integer option defaulting above 3 that
+    FAST_BUDGET does not cut (a new iteration count, say) fails here, instead of slowing every contract test."""
+    for name in list_attacks():
+        costly = {k for k, v in get_attack(name).defaults().items()
+                  if isinstance(v, int) and not isinstance(v, bool) and v > 3}
+        assert costly <= set(FAST_BUDGET), (name, costly - set(FAST_BUDGET))
+
+
+@pytest.mark.parametrize("name", list_attacks())
+def test_labels_carry_the_step_budget(name):
+    cls = get_attack(name)
+    steps = cls.defaults()["steps"]
+    lab = cls.label(steps, **{k: v for k, v in cls.defaults().items() if k == "n_target_classes"})
+    assert lab.startswith(cls.title) and (lab == cls.title if not cls.takes("steps") else f"-{steps}" in lab)
+    assert {"fgsm": "FGSM", "pgd": "PGD-10", "cw": "CW-10", "apgd-ce": "APGD-CE-100", "apgd-dlr": "APGD-DLR-100",
+            "apgd-t": "APGD-T-100x9"}.get(name, lab) == lab
 
 
 class ModeProbe(nn.Module):

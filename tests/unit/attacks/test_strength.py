@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from serving.runtime.spec import ThreatModel
-from serving.runtime.attacks import PGD, CW, LpBall, build_attack, list_attacks
+from serving.runtime.attacks import PGD, CW, LpBall, build_attack, get_attack, list_attacks
 
 from .conftest import accuracy
 
@@ -25,8 +25,8 @@ def linf_results(trained_model, fmnist):
     threat = ThreatModel(norm="linf", eps=EPS, step=EPS / 4)
     acc = {"clean": accuracy(trained_model, x, y)}
     for name in list_attacks():
-        steps = None if name == "fgsm" else STEPS
-        kw = {"n_target_classes": 3} if name == "apgd-t" else {}
+        steps = STEPS if get_attack(name).takes("steps") else None
+        kw = {"n_target_classes": 3} if get_attack(name).takes("n_target_classes") else {}
         x_adv = build_attack(name, trained_model, threat, steps=steps, seed=0, **kw)(x, y)
         acc[name] = accuracy(trained_model, x_adv, y)
     log.info("L-inf eps %.3f, %d steps, %d points: %s", EPS, STEPS, N, acc)

@@ -95,3 +95,19 @@ def test_evaluate_writes_report_table_and_plot(fmnist_standard, tmp_path):
     assert (tmp_path / "robustness_curve.png").stat().st_size > 5000
     assert "PGD-5" in report["table"] and "worst case" in report["table"]
     assert format_table(saved).count("\n") == 2  # header, rule, the one table eps
+
+
+def test_attack_spec_validated_against_the_registry_with_per_attack_steps():
+    from pydantic import ValidationError
+
+    from serving.runtime.evaluation.classification import label
+
+    assert AttackSpec(name="fgsm").steps == 1  # the one-step attack needs no steps
+    assert [label(AttackSpec(name=n)) for n in ("fgsm", "pgd", "apgd-ce", "apgd-t")] == \
+        ["FGSM", "PGD-10", "APGD-CE-100", "APGD-T-100x9"]
+    assert label(AttackSpec(name="apgd-t", steps=50, n_target_classes=3)) == "APGD-T-50x3"
+    assert EvaluateConfig.model_validate({"attacks": [{"name": "fgsm"}]}).attacks[0].steps == 1
+    with pytest.raises(ValidationError, match="choose one of"):
+        AttackSpec(name="pgd-typo")
+    with pytest.raises(ValidationError, match="exactly 1 step"):
+        AttackSpec(name="fgsm", steps=20)

@@ -32,7 +32,7 @@ from serving.runtime.probing.history import Busy, ProbeGate, ProbeHistory, RateL
 from serving.runtime.probing.measure import attack_specs, classifier_probe, retrieval_probe
 from serving.runtime.probing.metrics import (PROBE_METRICS, SERVER_PREFIX, config_id, probe_samples,
                                               report_samples)
-from serving.runtime.probing.params import ProbeConfig, ProbeRequest, ProbeSettings, resolve
+from serving.runtime.probing.params import ProbeConfig, ProbeRequest, ProbeSettings, classifier_attacks, resolve
 from serving.runtime.probing.runner import key_digest
 from serving.runtime.schemas import ServiceSettings
 from serving.runtime.service import RawRequest, load_service
@@ -86,6 +86,8 @@ def history_line(report: dict) -> bytes:
 def test_resolve_classifier_defaults():
     cfg = resolve(ProbeRequest(), "classification", None, (28, 28), 16, ProbeSettings())
     assert cfg.attacks == ("pgd", "cw", "apgd-ce")
+    # The registry's probe flag: every registered attack but APGD-DLR (offline only).
+    assert classifier_attacks() == ("apgd-ce", "apgd-t", "cw", "fgsm", "pgd")
     assert cfg.eps == (0.1,)
     assert (cfg.steps, cfg.step, cfg.n, cfg.seed, cfg.batch_size) == (20, None, 16, 0, 128)
     # The threat model's eps is the default when the archive has one.
