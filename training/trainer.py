@@ -178,9 +178,10 @@ def prepare(cfg: TrainConfig, rank: int = 0, world: int = 1, device: Optional[to
                           rank=rank, world_size=world, train_config=cfg)
     method.setup(model)
 
-    loader = method.make_loader(train_set, cfg, rank, world) if hasattr(method, "make_loader") else BatchLoader(
-        train_set, cfg.batch_size, shuffle=True, drop_last=True, augment=cfg.data.augment, seed=cfg.seed,
-        rank=rank, world_size=world)
+    loader = method.make_loader(train_set, cfg, rank, world)
+    if loader is None:
+        loader = BatchLoader(train_set, cfg.batch_size, shuffle=True, drop_last=True, augment=cfg.data.augment,
+                             seed=cfg.seed, rank=rank, world_size=world)
     steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     net: nn.Module = TrainModule(model)
     if world > 1:

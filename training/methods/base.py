@@ -19,6 +19,11 @@ class NoOptions(Frozen):
 class TrainingMethod:
     """One training objective.
 
+    Hooks: :meth:`training_step` is required; :meth:`setup`, :meth:`make_loader`, :meth:`state_dict` and
+    :meth:`load_state_dict` are optional (their defaults: nothing to set up, the trainer's shuffled batches, no
+    state). A new method is one file with a subclass registered by :func:`register_method` (and its import in
+    ``training/methods/__init__.py``).
+
     ``net`` given to :meth:`training_step` is the (possibly DDP-wrapped) training module: ``net(x)`` gives logits
     (classifiers) or embeddings (embedders) and ``net(x, "features")`` gives (fmap, rep, logits) for classifiers (rep: what the output layer consumes).
     Gradients must flow through ``net`` so DDP synchronises them. ``model`` is the bare module: use it for attacks
@@ -45,6 +50,12 @@ class TrainingMethod:
 
     def setup(self, model: nn.Module) -> None:
         """Called once before training (e.g. to build a frozen teacher)."""
+
+    def make_loader(self, train_set: Any, cfg: Any, rank: int, world: int) -> Any:
+        """The batches to train on (an iterable with ``len``), for a method that needs its own sampling (e.g.
+        same-class pairs); ``cfg`` is the TrainConfig. None: the trainer's shuffled batches of
+        ``cfg.batch_size``, sharded across the ``world`` ranks."""
+        return None
 
     def training_step(self, net: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor
                       ) -> tuple[torch.Tensor, dict[str, float]]:

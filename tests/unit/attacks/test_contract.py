@@ -149,3 +149,35 @@ def test_inputs_are_validated(model, batch):
         attack(x, y, target=(y + 1) % 10)
     with pytest.raises(ValueError, match="exactly one step"):
         build_attack("fgsm", model, NORMS["linf"], steps=20)
+
+
+def test_a_new_attack_is_one_class_and_one_registration(monkeypatch, model, batch):
+    """The README's recipe: a subclass with a name, a title and a constructor is all the suite, configs, labels and
+    probes need."""
+    from serving.runtime.attacks import Attack, base, register_attack
+    from serving.runtime.evaluation.classification import AttackSpec, label
+    from serving.runtime.probing.params import classifier_attacks
+
+    monkeypatch.setattr(base, "_ATTACKS", dict(base._ATTACKS))  # the registration ends with this test
+
+    @register_attack
+    class UniformNoise(Attack):
+        """Uniform noise in the ball: a toy for the registry."""
+
+        name = "toy-noise"
+        title = "NOISE"
+        probe = False
+
+        def __init__(self, model, ball, steps: int = 3, *, restarts: int = 1, seed: int = 0, generator=None):
+            super().__init__(model, ball, seed=seed, generator=generator)
+            self.steps = steps
+
+        def perturb(self, x, y, target):
+            return self.ball.random_start(x, self.generator)
+
+    assert "toy-noise" in list_attacks() and "toy-noise" not in classifier_attacks()
+    spec = AttackSpec(name="toy-noise")
+    assert spec.steps == 3 and label(spec) == "NOISE-3"
+    x, y = batch
+    xa = build_attack("toy-noise", model, NORMS["linf"])(x, y)
+    assert float((xa - x).abs().max()) <= NORMS["linf"].eps + 1e-6 and 0 <= float(xa.min()) <= float(xa.max()) <= 1
