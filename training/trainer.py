@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from serving.configio import dump_config
+from serving.runtime.attacks import eval_mode
 from serving.runtime.spec import ModelSpec
 from training.checkpoint import load_checkpoint, save_atomic
 from training.config import OptimConfig, TrainConfig
@@ -94,14 +95,12 @@ def fixed_subset(n_total: int, n: int | None, seed: int) -> torch.Tensor | None:
 
 @torch.no_grad()
 def clean_accuracy(model: nn.Module, dataset, device: torch.device, batch_size: int = 512) -> float:
-    was = model.training
-    model.eval()
     correct = 0
-    for start in range(0, len(dataset), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(dataset)))
-        x, y = dataset.get(idx)
-        correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
-    model.train(was)
+    with eval_mode(model):
+        for start in range(0, len(dataset), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(dataset)))
+            x, y = dataset.get(idx)
+            correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
     return correct / max(1, len(dataset))
 
 

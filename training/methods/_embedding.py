@@ -8,6 +8,7 @@ from pydantic import Field
 from torch import nn
 
 from serving.runtime.spec import Frozen
+from serving.runtime.attacks.base import eval_mode
 from serving.runtime.attacks.threat import LpBall
 from training.metric import MARGIN
 from training.methods.base import TrainingMethod
@@ -58,10 +59,5 @@ class EmbeddingMethod(TrainingMethod):
     @torch.no_grad()
     def benign_embeddings(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Embeddings of the benign batch in eval mode, without gradients: [B, D]."""
-        was = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
+        with eval_mode(model):
             return model(x)
-        finally:
-            for m, flag in was:
-                m.training = flag

@@ -164,17 +164,14 @@ def gradient_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     """Input gradients of the cross-entropy must not vanish, and the outputs must be logits, not probabilities.
     x [B, C, H, W], y [B]. Returns {"zero_gradients": {fraction, flag}, "softmax_outputs": {flag}}. Runs
     under ``torch.enable_grad()`` on a fresh leaf, so it works inside a host's inference or no-grad mode."""
-    was = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            # Fresh copies of both: tensors made under a host's inference mode cannot be saved for backward.
-            xg = x.detach().clone().requires_grad_(True)
-            logits = model(xg)
-            loss = nn.functional.cross_entropy(logits, y.detach().clone(), reduction="sum")
-            (g,) = torch.autograd.grad(loss, xg)
-    finally:
-        model.train(was)
+    from serving.runtime.attacks import eval_mode
+
+    with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+        # Fresh copies of both: tensors made under a host's inference mode cannot be saved for backward.
+        xg = x.detach().clone().requires_grad_(True)
+        logits = model(xg)
+        loss = nn.functional.cross_entropy(logits, y.detach().clone(), reduction="sum")
+        (g,) = torch.autograd.grad(loss, xg)
     zero = (g.flatten(1).abs().amax(1) == 0).float().mean().item() if len(x) else 0.0
     with torch.no_grad():
         lg = logits.detach()

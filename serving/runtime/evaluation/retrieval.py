@@ -27,6 +27,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from serving.runtime.attacks.base import eval_mode
 from serving.runtime.attacks.ranking import GTT_DEPTH, RANK_ATTACKS, RankTargets, rank_attack, select_targets
 from serving.runtime.attacks.threat import LpBall
 from serving.runtime.spec import Frozen
@@ -107,10 +108,8 @@ def standard_error(v: torch.Tensor) -> float:
 @torch.no_grad()
 def embed(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """x [N, C, H, W] -> embeddings [N, D] (eval mode)."""
-    was = model.training
-    model.eval()
-    out = [model(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]
-    model.train(was)
+    with eval_mode(model):
+        out = [model(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]
     return torch.cat(out) if out else x.new_zeros(0, 0)
 
 

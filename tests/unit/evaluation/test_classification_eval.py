@@ -111,3 +111,13 @@ def test_attack_spec_validated_against_the_registry_with_per_attack_steps():
         AttackSpec(name="pgd-typo")
     with pytest.raises(ValidationError, match="exactly 1 step"):
         AttackSpec(name="fgsm", steps=20)
+
+
+def test_gradient_checks_restore_each_submodules_mode():
+    """One eval-mode helper everywhere: a model trained with BatchNorm frozen (mixed modes) keeps them."""
+    from training.evaluation.classification import gradient_checks
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 26 * 26, 10)).train()
+    model[1].eval()
+    gradient_checks(model, torch.rand(4, 1, 28, 28), torch.arange(4))
+    assert [m.training for m in model] == [True, False, True, True]
