@@ -39,7 +39,7 @@ from serving.runtime.artifacts import (
     describe_file,
     sha256_file,
 )
-from serving.runtime.probes import PROBES_FILE, ProbeSet
+from serving.runtime.probe_set import PROBES_FILE, ProbeSet
 from serving.runtime.spec import Frozen, ModelSpec, ThreatModel
 
 log = logging.getLogger(__name__)
@@ -330,7 +330,7 @@ def check_parity(model: torch.nn.Module, spec: ModelSpec, engines: dict, x_clean
 
 def _probe_check(cfg: ExportConfig, spec: ModelSpec, outputs: np.ndarray, y: np.ndarray, ckpt: dict,
                  ev: Optional[EvaluationSummary]) -> ProbeCheck:
-    from serving.runtime.probes import clean_score, self_check_margin
+    from serving.runtime.probe_set import clean_score, self_check_margin
 
     measured = clean_score(outputs, y, spec.task)
     metric = "accuracy" if spec.task == "classification" else "recall_at_1"

@@ -34,7 +34,7 @@ from serving.runtime.codecs.base import validation_message
 from serving.runtime.errors import ArtifactError, InternalError, InvalidInput, RequestError
 from serving.runtime.index import RetrievalIndex
 from serving.runtime.preprocess import decode_image, pixel_budgets, to_unit
-from serving.runtime.probes import ProbeSet, clean_score
+from serving.runtime.probe_set import ProbeSet, clean_score
 from serving.runtime.schemas import (
     ClassificationResponse,
     ClassifyOptions,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.runtime.probes import ProbeSet
+from serving.runtime.probe_set import ProbeSet
 from serving.runtime.probing.history import ProbeHistory
 from serving.runtime.probing.metrics import config_id, probe_samples
 from serving.runtime.probing.params import ProbeConfig

@@ -24,7 +24,7 @@ from serving.runtime.evaluation.classification import (
     wilson_interval,
 )
 from serving.runtime.evaluation.retrieval import RankProfile, _nearest, attack_queries, embed
-from serving.runtime.probes import ProbeSet
+from serving.runtime.probe_set import ProbeSet
 from serving.runtime.probing.params import ProbeConfig
 
 ServeFn = Callable[[np.ndarray], np.ndarray]

@@ -8,7 +8,7 @@ import torch
 import serving.export as export_mod
 from serving.export import ExportConfig, ParityError, compare
 from serving.runtime.artifacts import load_manifest, sha256_file
-from serving.runtime.probes import ProbeSet
+from serving.runtime.probe_set import ProbeSet
 from serving.runtime.spec import ThreatModel
 from tests.unit.serving.builders import export_small
 

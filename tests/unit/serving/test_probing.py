@@ -27,7 +27,7 @@ from handlers.classification import ClassificationHandler
 from serving.runtime.artifacts import load_manifest
 from serving.runtime.errors import ArtifactError, InvalidInput
 from serving.runtime.evaluation.classification import cascade, predict
-from serving.runtime.probes import ProbeSet, clean_score, self_check_margin
+from serving.runtime.probe_set import ProbeSet, clean_score, self_check_margin
 from serving.runtime.probing.history import Busy, ProbeGate, ProbeHistory, RateLimited
 from serving.runtime.probing.measure import attack_specs, classifier_probe, retrieval_probe
 from serving.runtime.probing.metrics import (PROBE_METRICS, SERVER_PREFIX, config_id, probe_samples,

@@ -61,7 +61,7 @@ def test_changed_artifact_refused_not_papered_over(classifier_export, tmp_path):
 def test_self_test_catches_a_different_model(classifier_export, tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(classifier_export, root)
-    from serving.runtime.probes import ProbeSet
+    from serving.runtime.probe_set import ProbeSet
 
     p = ProbeSet.load(root / "probes.npz")
     ProbeSet(p.x, p.y, p.expected + 1e-2).save(root / "probes.npz")
