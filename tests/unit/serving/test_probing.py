@@ -856,7 +856,10 @@ def test_handler_probe_round_trip(handler, model_dir):
     assert (value, unit, dims) == (1.0, "count", [("ModelName", "clf"), ("Level", "Model"), ("status", "ok")])
     assert kind.name == "COUNTER"
     worst = [c for c in published if c[1] == "robustserve_probe_robust_accuracy_ratio" and ("attack", "worst") in c[4]]
-    assert [c[4] for c in worst] == [[("ModelName", "clf"), ("Level", "Model"), ("attack", "worst"), ("eps", "0.1")]]
+    from serving.runtime.probing.metrics import CONFIG_LABEL, config_id
+
+    assert [c[4] for c in worst] == [[("ModelName", "clf"), ("Level", "Model"), ("attack", "worst"), ("eps", "0.1"),
+                                      (CONFIG_LABEL, config_id(rep["probe"]))]]
     assert worst[0][2] == rep["probe"]["results"]["robust"][0]["worst_case"]
 
 
