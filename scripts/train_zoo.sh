@@ -30,8 +30,8 @@
 #   standard (teacher)          ~0.5 min             ~0.3 min                 seconds
 #   HM + ICS, ACT (PGD-32)      ~30 min              ~15 min                  ~1-2 min
 # so the defaults take about 1.5 h (PGD-AT), 1.5 h (TRADES), 2 h (AGKD-BML with its teacher), 4 h each (HM + ICS,
-# ACT) on the CPU in the fast mode: about 13 hours in all, one model after another; a GPU run takes well under an
-# hour of training.
+# ACT) on a CPU with native bf16 in the fast mode: about 13 hours in all, one model after another (about twice that
+# on a CPU without native bf16, where the fast mode is fp32 + channels_last); a GPU run takes well under an hour.
 # Evaluation (zoo add) on the full test set adds per classifier ~30-60 min here (APGD-CE-100 and APGD-T-100x9 on
 # every still-robust point, a robustness curve over 5 eps and the gradient-masking checks) and per embedder the
 # ranking-attack suite on 10,000 queries (hours here; minutes on a GPU): set ZOO_EVAL_SUBSET (e.g. 2000) to
