@@ -142,3 +142,18 @@ def test_a_user_mistake_at_run_time_is_one_line_and_a_fault_points_to_v(tmp_path
 def test_console_entry_point_is_installed():
     out = subprocess.run([sys.executable, "-m", "serving.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout and "evaluate" in out.stdout
+
+
+def test_attacks_named_alone_take_their_own_default_steps(tmp_path, capsys):
+    """`attacks=[{name: fgsm}, {name: pgd}]` runs: FGSM takes its one step and PGD its default, without steps given."""
+    from pathlib import Path
+
+    ckpt = Path(__file__).resolve().parents[3] / "zoo" / "smallcnn-pgd-at-small" / "model.pt"
+    code = main(["evaluate", "--set", f"checkpoint={ckpt}", "--set", "attacks=[{name: fgsm}, {name: pgd}]",
+                 "--set", "subset=16", "--set", "batch_size=16", "--set", "sanity_checks=false", "--set",
+                 "device=cpu", "--set", f"out_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    report = yaml.safe_load((tmp_path / "evaluation.json").read_text())
+    assert [(a["name"], a["steps"]) for a in report["attacks"]] == [("fgsm", 1), ("pgd", 10)]
+    assert "FGSM" in out and "PGD-10" in out
