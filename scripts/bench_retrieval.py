@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
-    from serving.bench import search
+    from serving.bench import search, write
 
     d = search.Settings()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,7 +30,7 @@ def main() -> int:
                         embedder_export=args.embedder_export, out=args.out,
                         command=("scripts/bench_retrieval.py " + " ".join(sys.argv[1:])).strip())
     result = search.run(s)
-    out = search.write(result, args.out)
+    out = write(result, args.out)
     print(search.markdown(result))
     print(f"written: {out}")
     return 0

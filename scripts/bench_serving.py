@@ -95,7 +95,7 @@ def served(inst, model: str, images: list[bytes], concurrency: int, seconds: flo
 
 
 def main() -> int:
-    from serving.bench import load
+    from serving.bench import load, write
 
     d = load.Settings()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,7 +118,7 @@ def main() -> int:
                       embedder_export=args.embedder_export, profile_seconds=args.profile, out=args.out,
                       command=command.strip())
     result = load.run(s)
-    out = load.write(result, args.out)
+    out = write(result, args.out)
     print(load.markdown(result))
     print(f"written: {out}")
     return 0

@@ -373,10 +373,3 @@ def markdown(result: dict) -> str:
         for r in ret:
             lines.append(f"| {r['concurrency']} | {_row(r)} |")
     return "\n".join(lines) + "\n"
-
-
-def write(result: dict, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    return out

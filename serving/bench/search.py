@@ -12,7 +12,6 @@ its BENCHMARKS.md section.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -205,10 +204,3 @@ def markdown(result: dict) -> str:
                   f" vectors (above `hnsw_max` = {cfg['hnsw_max']:,}): its build time grows about linearly with "
                   "the gallery (see the build column), too long for this shared machine."]
     return "\n".join(lines) + "\n"
-
-
-def write(result: dict, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    return out
