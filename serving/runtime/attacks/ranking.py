@@ -60,7 +60,6 @@ from serving.runtime.attacks.core import grad_enabled
 from serving.runtime.attacks.pgd import pgd
 from serving.runtime.attacks.threat import LpBall
 
-RANK_ATTACKS = ("CA+", "CA-", "QA+", "QA-", "TMA", "ES", "LTM", "GTM", "GTT")
 TOP_FRACTION = 0.01  # CA- and QA- pick their pair from the top 1 % of the clean ranking (robrank's `topmost`)
 GTT_DEPTH = 4  # GTT measures whether the original top-1 stays in the top 4 (robrank's `retain@4`)
 # The ES objective has a zero gradient at its clean start (a distance to itself); a fixed tiny offset of
@@ -152,7 +151,8 @@ def _gtm(e, t):
     return -_rowdist(e, t.gallery[t.target])
 
 
-OBJECTIVES: dict[str, Callable[[torch.Tensor, RankTargets], torch.Tensor]] = {
+# The ranking attacks, by name: each one's objective (maximised over the query image). The only list of their names.
+RANK_OBJECTIVES: dict[str, Callable[[torch.Tensor, RankTargets], torch.Tensor]] = {
     "CA+": _candidate_loss(+1.0),
     "CA-": _candidate_loss(-1.0),
     "QA+": _query_loss(+1.0),
@@ -164,6 +164,7 @@ OBJECTIVES: dict[str, Callable[[torch.Tensor, RankTargets], torch.Tensor]] = {
     # robrank's RankLossGreedyTop1Translocation is its QA- loss with the clean top-1 as the candidate.
     "GTT": _query_loss(-1.0),
 }
+RANK_ATTACKS = tuple(RANK_OBJECTIVES)  # in this order: evaluation seeds each attack by its index
 
 
 @torch.no_grad()
@@ -178,7 +179,7 @@ def select_targets(name: str, orig: torch.Tensor, self_idx: torch.Tensor, label:
     differs from the clean top-1's label; GTT: the clean top-1. Random draws use ``generator`` (CPU) in row
     order.
     """
-    if name not in OBJECTIVES:
+    if name not in RANK_OBJECTIVES:
         raise ValueError(f"unknown ranking attack {name!r}; choose one of {', '.join(RANK_ATTACKS)}")
     b, n = orig.shape[0], gallery.shape[0]
     dev = gallery.device
@@ -206,7 +207,7 @@ def rank_attack(model: nn.Module, name: str, x: torch.Tensor, targets: RankTarge
                 steps: int) -> torch.Tensor:
     """PGD (no random start) of attack ``name`` on images x [b, C, H, W] in [0, 1], rows aligned with
     ``targets``. Returns x_adv like x, inside ``ball`` around x."""
-    objective = OBJECTIVES[name]
+    objective = RANK_OBJECTIVES[name]
     with eval_mode(model), grad_enabled():
         return pgd(lambda xa: objective(model(xa), targets), x, ball, steps, random_start=False)
 

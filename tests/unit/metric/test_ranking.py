@@ -3,7 +3,7 @@ follows robrank's rules."""
 import pytest
 import torch
 
-from serving.runtime.attacks.ranking import OBJECTIVES, RANK_ATTACKS, rank_attack, select_targets
+from serving.runtime.attacks.ranking import RANK_OBJECTIVES, RANK_ATTACKS, rank_attack, select_targets
 from serving.runtime.attacks.threat import LpBall
 from training.evaluation.retrieval import embed, measure
 
@@ -29,8 +29,8 @@ def test_attack_improves_its_objective_and_stays_in_ball(tiny, data, name):
     assert torch.equal(x[qi], x0)  # input not mutated
     assert bool(BALL.contains(x_adv, x0).all())
     with torch.no_grad():
-        before = OBJECTIVES[name](tiny(x0), t)
-        after = OBJECTIVES[name](tiny(x_adv), t)
+        before = RANK_OBJECTIVES[name](tiny(x0), t)
+        after = RANK_OBJECTIVES[name](tiny(x_adv), t)
     assert float(after.mean()) > float(before.mean())
     # and the measured outcome moves the attacker's way
     m0, m1 = measure(name, tiny(x0).detach(), t), measure(name, tiny(x_adv).detach(), t)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serving.runtime.attacks.ranking import OBJECTIVES, RankTargets, rank_attack, select_targets
+from serving.runtime.attacks.ranking import RANK_OBJECTIVES, RankTargets, rank_attack, select_targets
 from serving.runtime.attacks.threat import LpBall
 from serving.runtime.evaluation.retrieval import ers, ers_terms, measure, standard_error
 
@@ -35,7 +35,7 @@ def targets(self_idx: int, target: int, label: int = 0, orig: torch.Tensor = G[[
 
 
 def value(name: str, e: torch.Tensor, t: RankTargets) -> float:
-    return float(OBJECTIVES[name](e, t))
+    return float(RANK_OBJECTIVES[name](e, t))
 
 
 def test_candidate_attack_objectives_and_percentiles():
@@ -132,7 +132,7 @@ def test_attack_moves_the_ranking_as_worked_out(name, key, before, after):
     assert t.target.item() == {"GTM": 2, "LTM": -1}.get(name, 1)
     assert float(measure(name, model(x), t)[key]) == pytest.approx(before, abs=1e-4)
     x_adv = rank_attack(model, name, x, t, BIG, steps=40)
-    assert float(OBJECTIVES[name](model(x_adv), t)) > float(OBJECTIVES[name](model(x), t))
+    assert float(RANK_OBJECTIVES[name](model(x_adv), t)) > float(RANK_OBJECTIVES[name](model(x), t))
     assert float(measure(name, model(x_adv), t)[key]) == pytest.approx(after, abs=1e-4)
 
 
