@@ -385,7 +385,7 @@ def embedder_curve(weights: Path, ecfg, fractions: tuple[float, ...] = CURVE_FRA
 
     from training.checkpoint import load_model
     from training.device import resolve_device
-    from training.evaluation.retrieval import PROFILES, attack_suite, default_profile, embed
+    from training.evaluation.embedder_report import PROFILES, attack_suite, default_profile, embed
     from training.evaluation.run import load_eval_points
 
     device = resolve_device(ecfg.device)
@@ -405,7 +405,7 @@ def embedder_curve(weights: Path, ecfg, fractions: tuple[float, ...] = CURVE_FRA
 def plot_classifier_curve(report: dict, path: Path, spec: dict) -> None:
     """The evaluation's robustness curve with every attack named by its budget (APGD-T-100x9, not APGD-T)."""
     from serving.zoo.card import budget_label
-    from training.evaluation.classification import plot_curve
+    from training.evaluation.classifier_report import plot_curve
 
     labels = [budget_label(a, spec.get("num_classes")) for a in report["attacks"]]
     rows = [{**r, "attacks": dict(zip(labels, r["attacks"].values()))} for r in report["results"]]

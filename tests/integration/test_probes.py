@@ -75,7 +75,7 @@ def clf_report(server):
 def test_classifier_probe_equals_the_offline_evaluation(server, clf_report, trained_classifier):
     from serving.runtime.probing.measure import attack_specs
     from training.checkpoint import load_model
-    from training.evaluation.classification import evaluate_classifier
+    from training.evaluation.classifier_report import evaluate_classifier
 
     report, _ = clf_report
     assert report["status"] == "ok", report.get("error")

@@ -168,7 +168,7 @@ def add_sanity(cfg: BenchConfig, seed: int, run: str) -> None:
     in the run's evaluation.json."""
     from training.checkpoint import load_model
     from training.device import resolve_device
-    from training.evaluation.classification import sanity_checks
+    from training.evaluation.classifier_report import sanity_checks
     from training.evaluation.run import load_eval_points
 
     ecfg = eval_config(cfg, seed, run)

@@ -92,7 +92,7 @@ def train_config(cfg: BenchConfig, variant: str) -> TrainConfig:
 def evaluate_run(cfg: BenchConfig, run: Path) -> dict:
     from training.checkpoint import load_model
     from training.data import load_dataset
-    from training.evaluation.retrieval import PROFILES, evaluate_embedder
+    from training.evaluation.embedder_report import PROFILES, evaluate_embedder
     from training.trainer import fixed_subset
 
     model, spec, _ = load_model(run / "model.pt")

@@ -29,7 +29,7 @@ def load_eval_points(cfg: EvaluateConfig, device: torch.device):
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
-    from training.evaluation.classification import evaluate_classifier, format_table, plot_curve
+    from training.evaluation.classifier_report import evaluate_classifier, format_table, plot_curve
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -68,7 +68,7 @@ def evaluate_embedding(cfg: EvaluateConfig, model, spec, device: torch.device) -
     suite under the profile of the model's input size (rob28 up to 32 px, else rob224) on the stated
     queries (``subset``: the first N of a seeded permutation) against the full test gallery."""
     from training.data import load_dataset
-    from training.evaluation.retrieval import PROFILES, default_profile, evaluate_embedder, format_table
+    from training.evaluation.embedder_report import PROFILES, default_profile, evaluate_embedder, format_table
 
     test = load_dataset(cfg.data.name, "test", cfg.data.root, **cfg.data.options)
     x, y = test.get(torch.arange(len(test)))

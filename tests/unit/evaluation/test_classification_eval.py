@@ -6,7 +6,7 @@ from torch import nn
 
 from training.checkpoint import load_model
 from training.config import AttackSpec, EvaluateConfig
-from training.evaluation.classification import (cascade, evaluate_classifier, format_table, run_attack_on,
+from training.evaluation.classifier_report import (cascade, evaluate_classifier, format_table, run_attack_on,
                                                 sanity_checks, wilson_interval)
 from training.evaluation.run import evaluate
 
@@ -115,7 +115,7 @@ def test_attack_spec_validated_against_the_registry_with_per_attack_steps():
 
 def test_gradient_checks_restore_each_submodules_mode():
     """One eval-mode helper everywhere: a model trained with BatchNorm frozen (mixed modes) keeps them."""
-    from training.evaluation.classification import gradient_checks
+    from training.evaluation.classifier_report import gradient_checks
 
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 26 * 26, 10)).train()
     model[1].eval()

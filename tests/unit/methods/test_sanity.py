@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from training.evaluation.classification import run_attack_on, sanity_checks
+from training.evaluation.classifier_report import run_attack_on, sanity_checks
 from training.config import AttackSpec
 from tests.unit.methods.conftest import make_method
 

@@ -5,7 +5,7 @@ import torch
 
 from serving.runtime.attacks.ranking import RANK_OBJECTIVES, RANK_ATTACKS, rank_attack, select_targets
 from serving.runtime.attacks.threat import LpBall
-from training.evaluation.retrieval import embed, measure
+from training.evaluation.embedder_report import embed, measure
 
 BALL = LpBall("linf", eps=0.2, step=0.02)
 

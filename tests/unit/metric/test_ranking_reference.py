@@ -191,7 +191,7 @@ def test_standard_error():
 
 def test_suite_reports_each_terms_standard_error():
     from serving.runtime.evaluation.retrieval import ERS_TERMS, RankProfile, attack_queries
-    from training.evaluation.retrieval import format_table
+    from training.evaluation.embedder_report import format_table
 
     # three queries (the images at 0, 45 and 90 deg) against G2, two steps: enough to fill every field
     x = torch.tensor([[[[1.0, 0.5]]], [[[1.0, 1.0]]], [[[0.5, 1.0]]]])

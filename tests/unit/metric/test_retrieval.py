@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from serving.runtime.attacks.ranking import select_targets
-from training.evaluation.retrieval import ERS_TERMS, ers, ers_terms, measure, nmi_kmeans, retrieval_metrics
+from training.evaluation.embedder_report import ERS_TERMS, ers, ers_terms, measure, nmi_kmeans, retrieval_metrics
 
 
 def _loop_metrics(emb, labels):

@@ -1,7 +1,7 @@
-"""Classifier robustness under an attack suite, worst case per point (AutoAttack's cascade).
-
-For each eps, attack i runs only on the points that survived attacks 0..i-1, so the figure after the last
-attack is the worst case per point; each attack's column is the cumulative robust accuracy after it.
+"""The offline robustness report of a classifier: the cascade of :mod:`serving.runtime.evaluation.classification`
+over every eps of a table and a curve, clean and worst-case figures with intervals and per-point outcomes, the
+gradient-masking checks of SPEC.md, the markdown table and the robustness-curve plot. What ``robustserve eval``,
+the benches and the zoo cards write; the in-server probes use the runtime module alone.
 """
 from __future__ import annotations
 
