@@ -1,6 +1,6 @@
 """The offline robustness report of a classifier: the cascade of :mod:`serving.runtime.evaluation.classification`
 over every eps of a table and a curve, clean and worst-case figures with intervals and per-point outcomes, the
-gradient-masking checks of SPEC.md, the markdown table and the robustness-curve plot. What ``robustserve eval``,
+gradient-masking checks of SPEC.md, the markdown table and the robustness-curve plot. What ``robustserve evaluate``,
 the benches and the zoo cards write; the in-server probes use the runtime module alone.
 """
 from __future__ import annotations

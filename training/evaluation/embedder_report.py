@@ -1,5 +1,5 @@
 """The offline retrieval report of an embedder: benign metrics (R@1, mAP@R, NMI) and the ranking-attack suite of
-:mod:`serving.runtime.evaluation.retrieval` with its ERS, as ``robustserve eval``, the benches and the zoo cards write it.
+:mod:`serving.runtime.evaluation.retrieval` with its ERS, as ``robustserve evaluate``, the benches and the zoo cards write it.
 
 The test set is both the query set and the gallery, and a query never retrieves itself. Benign metrics
 always use every test image as a query; the attack suite attacks the stated query subset (every test
