@@ -62,6 +62,18 @@ def _probe_root():
     return ProbeCommand
 
 
+def _tune_root():
+    from serving.bench.tune import TuneConfig
+
+    return TuneConfig
+
+
+def _run_tune(cfg) -> int:
+    from serving.bench.tune import run
+
+    return run(cfg)
+
+
 def _monitor_root():
     from serving.monitor import MonitorConfig
 
@@ -291,6 +303,10 @@ COMMANDS: dict[str, Command] = {
                       "robustserve export --set checkpoint=runs/pgd-at/model.pt", ("checkpoint", "data_root")),
     "archive": Command("build a TorchServe .mar from an export folder", _archive_root, _run_archive,
                        "robustserve archive --set export_dir=runs/pgd-at/export --set name=clf", ("export_dir",)),
+    "tune": Command("choose batch size, max batch delay and workers by measurement (hey against a real TorchServe "
+                    "per point) and write the best into the archive's model-config.yaml", _tune_root, _run_tune,
+                    "robustserve tune --set archive.export_dir=runs/pgd-at/export --set archive.name=clf "
+                    "--set 'sweep.batch_sizes=[1, 16]'", ("mar",)),
     "serve": Command("start TorchServe on the model store (loopback, token auth); --foreground: stay and stop it "
                      "on SIGTERM (a container's main process)", _serve_root, _run_serve,
                      "robustserve serve --set 'models=[clf]' --set ports.inference=8090", ("model_store",)),
@@ -357,6 +373,8 @@ BENCHES: dict[str, tuple[str, Callable[[], tuple[type, Callable[[BaseModel], int
                     _bench_entry("training.bench.train_speed", "BenchConfig", "run")),
     "render": ("regenerate BENCHMARKS.md sections from their results JSON (stems=[...], default all)",
                _bench_entry("training.bench.report", "RenderConfig", "run")),
+    "tune": ("robustserve tune's sweep on an export (default: an untrained SmallCNN), recorded as a benchmark",
+             _bench_entry("serving.bench.tune", "TuneBenchConfig", "run_bench")),
     "robust-classifiers": ("standard / pgd-at / trades / agkd-bml under one budget, then the attack suite",
                            _bench_entry("training.bench.robust_classifiers", "BenchConfig", "run")),
     "robust-embedders": ("triplet / est / act / hm / hm+ics under one budget, then the ranking attacks",

@@ -30,6 +30,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "robust-classifiers": ("training.bench.robust_classifiers", "Robust classifiers (Fashion-MNIST)"),
     "robust-embedders": ("training.bench.robust_embedders", "Robust embedders (Fashion-MNIST)"),
     "serving": ("serving.bench.load", "Serving: robustserve against the plainest handler"),
+    "tune": ("serving.bench.tune", "Serving: batch size, delay and workers chosen by `robustserve tune`"),
     "retrieval-search": ("serving.bench.search", "Retrieval: exact and HNSW gallery search as the gallery grows"),
     "decode-budget": ("scripts.bench_decode", "Decode cost of one maximal request"),
 }

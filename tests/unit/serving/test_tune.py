@@ -1,0 +1,68 @@
+"""robustserve tune's selection rule and its archive rewrite (the sweep itself: tests/integration/test_tune.py)."""
+from __future__ import annotations
+
+import zipfile
+
+import pytest
+import yaml
+
+from serving.bench.tune import archive_settings, choose, grid, with_settings
+from serving.runtime.artifacts import verify_archive_files
+from tests.unit.serving.builders import archive_small, unpack
+
+
+def _p(b, d, w, rps, p99, errors=0):
+    return {"batch_size": b, "max_batch_delay_ms": d, "workers": w, "req_per_s": rps, "p99_ms": p99, "errors": errors}
+
+
+def test_choose_takes_the_fastest_point_whose_p99_is_near_the_lowest():
+    points = [_p(1, 2, 1, 500, 20.0), _p(8, 2, 1, 900, 24.0), _p(16, 10, 1, 1200, 40.0), _p(16, 2, 2, 950, 26.0)]
+    # Lowest p99 20 ms: within 25 % are 20, 24 (and not 26 or 40); the faster of those wins.
+    assert choose(points, 0.25) == points[1]
+    # Looser tolerance admits 26 ms and then 40 ms.
+    assert choose(points, 0.30) == points[3]
+    assert choose(points, 1.0) == points[2]
+
+
+def test_choose_skips_points_with_errors_and_gives_none_when_all_failed():
+    points = [_p(1, 2, 1, 500, 20.0), _p(16, 2, 1, 2000, 10.0, errors=3)]
+    # The erroring point is neither chosen nor the p99 reference (else 20 ms would be out of 1.25 x 10 ms).
+    assert choose(points, 0.25) == points[0]
+    assert choose([_p(1, 2, 1, 500, 20.0, errors=1)], 0.25) is None
+
+
+def test_choose_breaks_ties_towards_fewer_workers_then_smaller_batches():
+    a, b, c = _p(8, 2, 2, 800, 20.0), _p(16, 2, 1, 800, 20.0), _p(8, 2, 1, 800, 20.0)
+    assert choose([a, b, c], 0.25) == c
+
+
+def test_grid_is_every_combination():
+    from serving.bench.tune import Sweep
+
+    g = grid(Sweep(batch_sizes=(1, 8), max_batch_delays_ms=(2,), workers=(1, 2)))
+    assert len(g) == 4 and {p["batch_size"] for p in g} == {1, 8} and {p["workers"] for p in g} == {1, 2}
+
+
+def test_with_settings_rewrites_the_config_and_keeps_the_archive_verifiable(classifier_export, tmp_path):
+    mar = archive_small(classifier_export, tmp_path / "store", "clf", batch_size=16, max_batch_delay_ms=5)
+    before = zipfile.ZipFile(mar).namelist()
+    out = with_settings(mar, tmp_path / "other" / "clf.mar", {"batch_size": 4, "max_batch_delay_ms": 7,
+                                                               "workers": 2})
+    assert archive_settings(out) == {"batch_size": 4, "max_batch_delay_ms": 7, "workers": 2}
+    assert archive_settings(mar) == {"batch_size": 16, "max_batch_delay_ms": 5, "workers": 1}
+    assert zipfile.ZipFile(out).namelist() == before
+    doc = yaml.safe_load(zipfile.ZipFile(out).read("model-config.yaml"))
+    assert doc["handler"] == yaml.safe_load(zipfile.ZipFile(mar).read("model-config.yaml"))["handler"]
+    assert verify_archive_files(unpack(out, tmp_path / "unpacked"))
+
+
+def test_with_settings_leaves_the_destination_alone_on_failure(tmp_path):
+    bad = tmp_path / "bad.mar"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("spec.json", "{}")
+    dest = tmp_path / "dest.mar"
+    dest.write_bytes(b"the good archive")
+    with pytest.raises(ValueError, match="model-config.yaml"):
+        with_settings(bad, dest, {"batch_size": 4})
+    assert dest.read_bytes() == b"the good archive"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.mar", "dest.mar"]  # no partial file left
