@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Optional
 
 from serving.runtime.probing.runner import PROBE_DIR_ENV, PROBE_KEY_ENV
 from serving.runtime.schemas import ServiceSettings
-from serving.runtime.service import ModelService, RawRequest, Reply, internal_error
+from serving.runtime.service import ModelService, RawRequest, Reply, internal_error, load_service
 from serving.runtime.v2binary import HEADER_LENGTH
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ BINARY_HEADER = HEADER_LENGTH.lower()
 
 
 class TorchServeAdapter:
-    service_class: ClassVar[type[ModelService]] = ModelService
+    # None: the service class of the archive's task (serving.runtime.tasks), read from its spec.json.
+    service_class: ClassVar[Optional[type[ModelService]]] = None
 
     def __init__(self) -> None:
         self.service: Optional[ModelService] = None
@@ -44,7 +45,7 @@ class TorchServeAdapter:
         settings = ServiceSettings.model_validate(yaml_cfg.get("handler") or {})
         gpu_id = props.get("gpu_id")
         manifest = getattr(context, "manifest", None) or {}
-        self.service = self.service_class(
+        self.service = (self.service_class or load_service)(
             props["model_dir"], settings, name=context.model_name,
             version=(manifest.get("model") or {}).get("modelVersion"),
             device="cpu" if gpu_id is None else "auto", gpu_id=gpu_id)

@@ -11,7 +11,6 @@ never replaces a good archive, and a server never sees a half-written one.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -38,11 +37,11 @@ from serving.runtime.artifacts import (
 from serving.runtime.index import RetrievalIndex
 from serving.runtime.schemas import ServiceSettings
 from serving.runtime.spec import Frozen
+from serving.runtime.tasks import get_task
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
-HANDLERS = {"classification": "handlers/classification.py", "embedding": "handlers/retrieval.py"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -100,16 +99,12 @@ def archive(cfg: ArchiveConfig) -> Path:
         for art in manifest.artifacts.values():
             shutil.copy2(src / art.file, stage / art.file)
         shutil.copy2(src / MANIFEST_NAME, stage / MANIFEST_NAME)
-        if manifest.model.task == "classification":
-            labels = manifest.model.class_names or tuple(str(i) for i in range(manifest.model.num_classes or 0))
-            # TorchServe's own label-map convention, for tools that look for it.
-            (stage / "index_to_name.json").write_text(json.dumps({str(i): n for i, n in enumerate(labels)}))
-        else:
-            build_gallery(src, manifest, cfg.gallery, cfg.service).save(stage)
+        task = get_task(manifest.model.task)
+        task.stage_archive(stage, ArchiveBuild(src, manifest, cfg))
         _copy_code(stage)
         config_file = work / "model-config.yaml"
         config_file.write_text(model_config_yaml(cfg))
-        handler = HANDLERS[manifest.model.task]
+        handler = task.handler
         # The archiver adds the handler and the config at the archive's root: listed under those names.
         write_archive_files(stage, {"model-config.yaml": config_file, Path(handler).name: REPO / handler})
         _run_archiver(name, cfg.version, REPO / handler, stage, config_file, work)
@@ -127,6 +122,18 @@ def archive(cfg: ArchiveConfig) -> Path:
             raise
     log.info("archived %s (%s) to %s", name, manifest.model.task, dest)
     return dest
+
+
+class ArchiveBuild:
+    """What a task's :meth:`~serving.runtime.tasks.ServedTask.stage_archive` may use: the export folder ``src``,
+    its ``manifest``, the archive's ``cfg``, and :meth:`gallery`."""
+
+    def __init__(self, src: Path, manifest: ExportManifest, cfg: ArchiveConfig):
+        self.src, self.manifest, self.cfg = src, manifest, cfg
+
+    def gallery(self) -> RetrievalIndex:
+        """The retrieval gallery of ``cfg.gallery``, embedded by the exported artifact (:func:`build_gallery`)."""
+        return build_gallery(self.src, self.manifest, self.cfg.gallery, self.cfg.service)
 
 
 def model_config_yaml(cfg: ArchiveConfig) -> str:

@@ -41,12 +41,12 @@ from serving.runtime.artifacts import (
 )
 from serving.runtime.probe_set import PROBES_FILE, ProbeSet
 from serving.runtime.spec import Frozen, ModelSpec, ThreatModel
+from serving.runtime.tasks import get_task
 
 log = logging.getLogger(__name__)
 
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 ONNX_FILE = "model.onnx"
-LABELS_FILE = "labels.json"
 
 
 class ParityError(ValueError):
@@ -113,22 +113,18 @@ def export(cfg: ExportConfig) -> Path:
         ProbeSet(x=(x_probe * 255).round().to(torch.uint8).numpy(), y=y_probe.numpy(),
                  expected=expected, ids=probe_ids).save(tmp / PROBES_FILE)
         evaluation = _evaluation_summary(cfg, ckpt_path)
-        files = [TORCHSCRIPT_FILE, ONNX_FILE, PROBES_FILE]
-        if spec.task == "classification":
-            labels = list(spec.class_names or [str(i) for i in range(spec.num_classes or 0)])
-            (tmp / LABELS_FILE).write_text(json.dumps(labels, indent=1))
-            files.append(LABELS_FILE)
+        files = {"torchscript": TORCHSCRIPT_FILE, "onnx": ONNX_FILE, "probes": PROBES_FILE,
+                 **get_task(spec.task).export_files(spec, tmp)}
         manifest = ExportManifest(
             name=name,
             model=spec,
             input=InputSpec.from_spec(spec),
-            output="logits" if spec.task == "classification" else "embedding",
+            output=get_task(spec.task).output,
             evaluation=evaluation,
             training_config=train_cfg or None,
             parity=report,
             probe_check=_probe_check(cfg, spec, expected, y_probe.numpy(), ckpt, evaluation),
-            artifacts={key: describe_file(tmp, f) for key, f in
-                       zip(("torchscript", "onnx", "probes", "labels"), files)},
+            artifacts={key: describe_file(tmp, f) for key, f in files.items()},
             exported={"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                       "torch": torch.__version__, "onnx_opset": cfg.opset, "onnxruntime": _ort_version(),
                       "checkpoint": str(ckpt_path), "checkpoint_sha256": sha256_file(ckpt_path),
@@ -174,22 +170,7 @@ def _held_out_points(cfg: ExportConfig, spec: ModelSpec, train_cfg: dict):
 
 def _adversarial(model: torch.nn.Module, spec: ModelSpec, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
                  cfg: ExportConfig) -> torch.Tensor:
-    from serving.runtime.attacks import LpBall, build_attack, eval_mode, pgd
-
-    if spec.task == "classification":
-        attack = build_attack(cfg.attack, model, threat, steps=cfg.attack_steps if cfg.attack == "pgd" else None,
-                              seed=cfg.seed)
-        return attack(x, y)
-    # An embedder has no labels to attack: push each embedding away from its clean one (cosine).
-    ball = LpBall.from_threat(threat)
-    steps = cfg.attack_steps if cfg.attack == "pgd" else 1
-    if cfg.attack == "fgsm":
-        ball = ball.with_step(ball.eps)
-    with eval_mode(model), torch.no_grad():
-        ref = model(x)
-    with eval_mode(model):
-        return pgd(lambda xa: -(model(xa) * ref).sum(1), x, ball, steps, random_start=cfg.attack == "pgd",
-                   generator=torch.Generator().manual_seed(cfg.seed))
+    return get_task(spec.task).parity_adversarial(model, x, y, threat, cfg.attack, cfg.attack_steps, cfg.seed)
 
 
 # --- artifacts -----------------------------------------------------------------------------------------------
@@ -205,9 +186,8 @@ def _write_torchscript(model: torch.nn.Module, path: Path) -> None:
 
 def _write_onnx(model: torch.nn.Module, spec: ModelSpec, path: Path, opset: int) -> None:
     example = torch.rand(2, spec.channels, *spec.input_size)
-    output = "logits" if spec.task == "classification" else "embedding"
     torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False, opset_version=opset,
-                      input_names=["x"], output_names=[output], verbose=False,
+                      input_names=["x"], output_names=[get_task(spec.task).output], verbose=False,
                       dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
     if any(p.name.startswith(path.name) and p != path for p in path.parent.iterdir()):
         raise RuntimeError(f"the ONNX exporter wrote side files beside {path}; expected a single file")
@@ -271,19 +251,16 @@ def _ort_version() -> str:
 # --- parity --------------------------------------------------------------------------------------------------
 
 
-def _ranks(out: np.ndarray, task: str, gallery: Optional[np.ndarray]) -> np.ndarray:
-    """Scores whose order defines top-1/top-k: logits for a classifier, similarities to the clean gallery for an
-    embedder."""
-    return out if task == "classification" else out @ gallery.T
-
-
 def compare(ref: np.ndarray, got: np.ndarray, task: str, k: int, gallery: Optional[np.ndarray] = None
             ) -> tuple[float, bool, bool, int]:
-    """(max |ref - got|, top-1 identical, top-k sets identical, k used) over rows [N, K or D]."""
+    """(max |ref - got|, top-1 identical, top-k sets identical, k used) over rows [N, K or D]. The order that
+    defines top-1/top-k is the task's :meth:`~serving.runtime.tasks.ServedTask.parity_scores` against
+    ``gallery`` (the eager model's outputs on the clean parity points)."""
     if ref.shape != got.shape:
         return float("inf"), False, False, k
     diff = float(np.abs(ref.astype(np.float64) - got.astype(np.float64)).max()) if ref.size else 0.0
-    s_ref, s_got = _ranks(ref, task, gallery), _ranks(got, task, gallery)
+    t = get_task(task)
+    s_ref, s_got = t.parity_scores(ref, gallery), t.parity_scores(got, gallery)
     k = min(k, s_ref.shape[1])
     top_ref = np.argsort(-s_ref, axis=1, kind="stable")[:, :k]
     top_got = np.argsort(-s_got, axis=1, kind="stable")[:, :k]
@@ -299,7 +276,6 @@ def check_parity(model: torch.nn.Module, spec: ModelSpec, engines: dict, x_clean
     with torch.no_grad():
         ref_clean = model(x_clean).numpy()
         ref_adv = model(x_adv).numpy()
-    gallery = ref_clean if spec.task == "embedding" else None
     checks: dict[str, tuple[ParityCheck, ...]] = {}
     failures = []
     n = len(x_clean)
@@ -310,8 +286,8 @@ def check_parity(model: torch.nn.Module, spec: ModelSpec, engines: dict, x_clean
             xn = x.numpy()
             full = run(xn)
             one = np.concatenate([run(xn[i:i + 1]) for i in range(singles)])
-            d1, t1, tk, kk = compare(ref, full, spec.task, k, gallery)
-            d2, u1, uk, _ = compare(ref[:singles], one, spec.task, k, gallery)
+            d1, t1, tk, kk = compare(ref, full, spec.task, k, ref_clean)
+            d2, u1, uk, _ = compare(ref[:singles], one, spec.task, k, ref_clean)
             c = ParityCheck(inputs=kind, batch_sizes=(n, 1), max_abs_diff=max(d1, d2), top1_equal=t1 and u1,
                             topk_equal=tk and uk, k=kk)
             results.append(c)
@@ -332,16 +308,10 @@ def _probe_check(cfg: ExportConfig, spec: ModelSpec, outputs: np.ndarray, y: np.
                  ev: Optional[EvaluationSummary]) -> ProbeCheck:
     from serving.runtime.probe_set import clean_score, self_check_margin
 
+    task = get_task(spec.task)
     measured = clean_score(outputs, y, spec.task)
-    metric = "accuracy" if spec.task == "classification" else "recall_at_1"
-    ev = ev if spec.task == "classification" else None
-    trained = (ckpt.get("metrics") or {}).get("test_acc") if spec.task == "classification" else None
-    if ev is not None and ev.clean_accuracy is not None:
-        reference, source = float(ev.clean_accuracy), f"evaluation ({ev.source})"
-    elif trained is not None:
-        reference, source = float(trained), "the trainer's test accuracy"
-    else:
-        reference, source = measured, "measured at export"
+    metric = task.clean_metric
+    reference, source = task.probe_reference(ev, ckpt) or (measured, "measured at export")
     n = len(y)
     floor = cfg.min_probe_score if cfg.min_probe_score is not None else max(
         0.0, reference - self_check_margin(reference, n))
@@ -372,14 +342,7 @@ def _evaluation_summary(cfg: ExportConfig, ckpt_path: Path) -> Optional[Evaluati
     if not cfg.evaluation and path.stat().st_mtime < ckpt_path.stat().st_mtime:
         log.warning("%s is older than the checkpoint; leaving its figures out of spec.json", path)
         return None
-    if report.get("task") == "embedding":
-        return EvaluationSummary(source=str(path), task="embedding", n=report.get("queries"),
-                                 points=report.get("points"), benign=report.get("benign"), ers=report.get("ERS"),
-                                 ers_terms=report.get("terms"), threat=report.get("profile"))
-    robust = tuple({"eps": r["eps"], "worst_case": r["worst_case"], "attacks": r.get("attacks", {})}
-                   for r in report.get("results", []))
-    return EvaluationSummary(source=str(path), n=int(report["n"]), points=report.get("points"),
-                             clean_accuracy=float(report["clean_accuracy"]), robust=robust)
+    return get_task(report.get("task", "classification")).evaluation_summary(report, str(path))
 
 
 # --- writing -----------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from serving.probe import ProbeParams, load_archive_service, opened_archive, probe_service
 from serving.runtime.spec import Frozen
+from serving.runtime.tasks import get_task
 
 
 class GateConfig(Frozen):
@@ -32,26 +33,10 @@ def compare(base: dict, cand: dict, cfg: GateConfig) -> dict[str, Any]:
     """{"promote": bool, "checks": [{figure, baseline, candidate, drop, allowed, ok}]}."""
     if base.get("task") != cand.get("task"):
         raise ValueError(f"the baseline is a {base.get('task')} model, the candidate a {cand.get('task')} model")
-    rb, rc = base["results"], cand["results"]
-    checks = []
-
-    def check(figure: str, b: float, c: float, allowed: Optional[float]) -> None:
-        if allowed is None:
-            return
-        drop = b - c
-        checks.append({"figure": figure, "baseline": b, "candidate": c, "drop": drop, "allowed": allowed,
-                       "ok": drop <= allowed + 1e-12})
-
-    if base["task"] == "classification":
-        check("clean_accuracy", rb["clean_accuracy"], rc["clean_accuracy"], cfg.max_clean_drop)
-        for row_b, row_c in zip(rb["robust"], rc["robust"]):
-            check(f"worst_case@eps={row_b['eps']:g}", row_b["worst_case"], row_c["worst_case"], cfg.max_drop)
-    else:
-        check("recall_at_1", rb["recall_at_1"], rc["recall_at_1"], cfg.max_clean_drop)
-        for row_b, row_c in zip(rb["robust"], rc["robust"]):
-            check(f"recall_at_1_attacked@eps={row_b['eps']:.4g}", row_b["recall_at_1_attacked"],
-                  row_c["recall_at_1_attacked"], cfg.max_drop)
-            check(f"ers_lite@eps={row_b['eps']:.4g}", row_b["ers_lite"], row_c["ers_lite"], cfg.max_ers_drop)
+    checks = [{"figure": figure, "baseline": b, "candidate": c, "drop": b - c, "allowed": allowed,
+               "ok": b - c <= allowed + 1e-12}
+              for figure, b, c, allowed in get_task(base["task"]).gate_checks(base["results"], cand["results"], cfg)
+              if allowed is not None]
     return {"promote": all(c["ok"] for c in checks), "checks": checks}
 
 

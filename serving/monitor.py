@@ -35,6 +35,7 @@ from serving.probe import ProbeFailed, ProbeParams, probe_served
 from serving.runtime.probing.history import ProbeHistory
 from serving.runtime.probing.metrics import PROBE_METRICS, report_samples
 from serving.runtime.spec import Frozen
+from serving.runtime.tasks import get_task
 from serving.client import DEFAULT_WORKDIR, Instance, workdir_args
 from serving.serve import is_loopback, status
 
@@ -80,13 +81,12 @@ class MonitorConfig(Frozen):
 
 
 def headline(report: dict) -> Optional[float]:
-    """The SLO figure of a successful report: worst case (classifier) or attacked Recall@1 (retrieval) at the
-    smallest eps."""
+    """The SLO figure of a successful report (its task's :meth:`~serving.runtime.tasks.ServedTask.headline`:
+    worst case for a classifier, attacked Recall@1 for a retrieval model, at the smallest eps)."""
     res = report.get("results")
-    if report.get("status") != "ok" or not res or not res.get("robust"):
+    if report.get("status") != "ok" or not res:
         return None
-    row = min(res["robust"], key=lambda r: r["eps"])
-    return float(row["worst_case"] if report.get("task") == "classification" else row["recall_at_1_attacked"])
+    return get_task(report.get("task")).headline(res)
 
 
 class Monitor:

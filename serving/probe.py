@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 
 from serving.runtime.probing.params import ProbeRequest, ProbeSettings
 from serving.runtime.spec import Frozen
+from serving.runtime.tasks import get_task
 from serving.client import DEFAULT_WORKDIR, Instance
 
 log = logging.getLogger(__name__)
@@ -179,8 +180,6 @@ def probe_service(svc, params: ProbeParams, archive: str) -> dict:
 
 def summarize(report: dict) -> str:
     """A few lines a person reads: the headline figures of a report."""
-    from serving.runtime.evaluation.classification import flag_summary
-
     res = report.get("results") or {}
     cfg = report.get("config") or {}
     head = (f"probe {report.get('id')} of {report.get('model')}: {report.get('status')} in "
@@ -191,25 +190,7 @@ def summarize(report: dict) -> str:
         lines.append(f"  error: {report['error']}")
     if not res:
         return "\n".join(lines)
-    if report.get("task") == "classification":
-        lo, hi = res["clean_ci95"]
-        lines.append(f"  clean accuracy {100 * res['clean_accuracy']:.2f} % (95 % CI {100 * lo:.1f}-{100 * hi:.1f}), "
-                     f"served engine {100 * res['serving_clean_accuracy']:.2f} %")
-        for row in res["robust"]:
-            lo, hi = row["worst_case_ci95"]
-            cols = ", ".join(f"{k} {100 * v:.2f}" for k, v in row["attacks"].items())
-            lines.append(f"  eps {row['eps']:g}: {cols}; worst case {100 * row['worst_case']:.2f} % "
-                         f"(CI {100 * lo:.1f}-{100 * hi:.1f}); transfer to the served engine "
-                         f"{100 * row['transfer_worst_case']:.2f} %")
-        flags = flag_summary(res["flags"])
-        lines.append(f"  gradient-masking flags: {flags}")
-    else:
-        lines.append(f"  Recall@1 clean {100 * res['recall_at_1']:.2f} % (gallery {res['gallery']}, "
-                     f"{res['self_matches_excluded']} self-matches excluded)")
-        for row in res["robust"]:
-            lines.append(f"  eps {row['eps']:.4g}: Recall@1 under ES {100 * row['recall_at_1_attacked']:.2f} % "
-                         f"(served engine {100 * row['transfer_recall_at_1_attacked']:.2f} %), embedding shift "
-                         f"{row['embedding_shift']:.3f}, ERS-lite {row['ers_lite']:.1f} over {sorted(row['terms'])}")
+    lines += get_task(report.get("task")).summary_lines(res)
     lines.append(f"  model {report.get('artifacts')}, probe set {str(report.get('probe_set_sha256'))[:16]}..., "
                  f"versions {report.get('versions')}")
     return "\n".join(lines)

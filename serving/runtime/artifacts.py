@@ -12,10 +12,11 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from serving.runtime.errors import ArtifactError
 from serving.runtime.spec import Frozen, ModelSpec
+from serving.runtime.tasks import TaskName, get_task
 
 MANIFEST_NAME = "spec.json"
 FORMAT_VERSION = 1
@@ -74,7 +75,7 @@ class EvaluationSummary(Frozen):
     point for each eps. Embedders: benign retrieval metrics (R@k, mAP, in %) and the ranking-attack ERS terms."""
 
     source: str
-    task: Literal["classification", "embedding"] = "classification"
+    task: TaskName = "classification"
     n: Optional[int] = None
     points: Optional[str] = None
     clean_accuracy: Optional[float] = None
@@ -90,7 +91,7 @@ class ProbeCheck(Frozen):
     serving path (image bytes decoded as requests are), at or above ``min_value``. metric: ``accuracy``
     (classifiers) or ``recall_at_1`` (embedders: leave-one-out within the probe set), in [0, 1]."""
 
-    metric: Literal["accuracy", "recall_at_1"]
+    metric: str  # the task's clean_metric
     n: int = Field(ge=1)
     measured: float  # the exported artifact on the probe set, at export time, from the training data pipeline
     reference: float  # what the model is known to score: the evaluation, the trainer's test accuracy, or measured
@@ -110,6 +111,14 @@ class ExportManifest(Frozen):
     probe_check: Optional[ProbeCheck] = None
     artifacts: dict[str, ArtifactFile]  # torchscript, onnx, probes, labels
     exported: dict[str, Any] = Field(default_factory=dict)  # versions, source checkpoint and its hash, time
+
+    @model_validator(mode="after")
+    def _check_metric(self) -> "ExportManifest":
+        want = get_task(self.model.task).clean_metric
+        if self.probe_check is not None and self.probe_check.metric != want:
+            raise ValueError(f"probe_check measures {self.probe_check.metric!r}; a {self.model.task} model's "
+                             f"self-check measures {want!r}")
+        return self
 
     def path_of(self, root: str | Path, artifact: str) -> Path:
         if artifact not in self.artifacts:

@@ -78,19 +78,11 @@ class ProbeSet:
 
 
 def clean_score(outputs: np.ndarray, y: np.ndarray, task: str) -> float:
-    """Clean score in [0, 1] of outputs [N, K] logits (accuracy) or [N, D] embeddings (leave-one-out Recall@1
-    within the set: the nearest other image shares the label)."""
-    outputs = np.asarray(outputs, dtype=np.float64)
-    if len(outputs) == 0:
-        return 0.0
-    if task == "classification":
-        return float(np.mean(outputs.argmax(1) == y))
-    if len(outputs) < 2:
-        return 0.0
-    e = outputs / np.maximum(np.linalg.norm(outputs, axis=1, keepdims=True), 1e-12)
-    sim = e @ e.T
-    np.fill_diagonal(sim, -np.inf)
-    return float(np.mean(y[sim.argmax(1)] == y))
+    """Clean score in [0, 1] of model outputs [N, ...] on labels y [N], as the task measures it (accuracy of
+    logits; leave-one-out Recall@1 of embeddings within the set: the nearest other image shares the label)."""
+    from serving.runtime.tasks import get_task
+
+    return get_task(task).clean_score(outputs, y)
 
 
 def self_check_margin(p: float, n: int) -> float:

@@ -336,7 +336,9 @@ class ClassifierService(ModelService):
 
     @property
     def labels(self) -> tuple[str, ...]:
-        return self.spec.class_names or tuple(str(i) for i in range(self.spec.num_classes or 0))
+        from serving.runtime.tasks.classification import class_labels
+
+        return class_labels(self.spec)
 
     def check_options(self, opts: dict[str, Any]) -> dict[str, Any]:
         k = opts.get("top_k", self.settings.top_k)
@@ -436,7 +438,8 @@ class RetrievalService(ModelService):
 
 
 def load_service(root: str | Path, settings: ServiceSettings = ServiceSettings(), **kwargs: Any) -> ModelService:
-    """The service for the model exported in ``root`` (a classifier or a retrieval model)."""
+    """The service for the model exported in ``root``, of its task's service class."""
+    from serving.runtime.tasks import get_task
+
     manifest = load_manifest(root)
-    cls = ClassifierService if manifest.model.task == "classification" else RetrievalService
-    return cls(root, settings, manifest=manifest, **kwargs)
+    return get_task(manifest.model.task).service_class()(root, settings, manifest=manifest, **kwargs)

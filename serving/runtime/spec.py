@@ -5,6 +5,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serving.runtime.tasks import TaskName, get_task
+
 
 class Frozen(BaseModel):
     """Base for every config and spec: immutable, unknown keys rejected."""
@@ -25,7 +27,7 @@ class ModelSpec(Frozen):
     normalisation (mean/std) is applied inside the model as its first layer."""
 
     arch: str
-    task: Literal["classification", "embedding"]
+    task: TaskName  # a registered served task (serving.runtime.tasks): "classification", "embedding", ...
     channels: int = Field(ge=1)
     input_size: tuple[int, int]
     mean: tuple[float, ...]
@@ -40,10 +42,7 @@ class ModelSpec(Frozen):
     def _check(self) -> "ModelSpec":
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError(f"mean/std need {self.channels} values, got {len(self.mean)}/{len(self.std)}")
-        if self.task == "classification" and not self.num_classes:
-            raise ValueError("a classification spec needs num_classes")
-        if self.task == "embedding" and not self.embedding_dim:
-            raise ValueError("an embedding spec needs embedding_dim")
+        get_task(self.task).check_spec(self)
         if self.class_names is not None and self.num_classes and len(self.class_names) != self.num_classes:
             raise ValueError(f"class_names has {len(self.class_names)} names for {self.num_classes} classes")
         return self

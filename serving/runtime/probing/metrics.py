@@ -32,16 +32,10 @@ PROBE_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 SERVER_PREFIX = "robustserve_probe_"
 CONFIG_LABEL = "config"
-MASKING_CHECKS = ("zero_gradients", "softmax_outputs", "eps_monotone")
-
-
-def _eps(e: float) -> str:
-    return f"{e:g}"
-
 
 def report_samples(report: dict) -> Iterator[tuple[str, dict[str, str], float]]:
-    """(metric suffix, labels, value) of every figure of ``report``; a failed probe yields only its run count.
-    Retrieval figures under attack are those of the first (smallest) eps."""
+    """(metric suffix, labels, value) of every figure of ``report`` (its task's
+    :meth:`~serving.runtime.tasks.ServedTask.metric_samples`); a failed probe yields only its run count."""
     yield "runs_total", {"status": str(report.get("status"))}, 1.0
     res = report.get("results")
     if report.get("status") != "ok" or not res:
@@ -49,26 +43,9 @@ def report_samples(report: dict) -> Iterator[tuple[str, dict[str, str], float]]:
     yield "duration_seconds", {}, float(report.get("duration_s") or 0.0)
     yield "last_success_timestamp_seconds", {}, float(report.get("started_unix", 0.0)) + float(
         report.get("duration_s") or 0.0)
-    if report.get("task") == "classification":
-        yield "clean_accuracy_ratio", {}, float(res["clean_accuracy"])
-        for row in res["robust"]:
-            eps = _eps(row["eps"])
-            for lbl, v in row["attacks"].items():
-                yield "robust_accuracy_ratio", {"attack": lbl, "eps": eps}, float(v)
-            yield "robust_accuracy_ratio", {"attack": "worst", "eps": eps}, float(row["worst_case"])
-            for lbl, v in row["transfer"].items():
-                yield "transfer_robust_accuracy_ratio", {"attack": lbl, "eps": eps}, float(v)
-            yield "transfer_robust_accuracy_ratio", {"attack": "worst", "eps": eps}, float(row["transfer_worst_case"])
-        for check in MASKING_CHECKS:
-            flag = res["flags"].get(check) or {}
-            if flag.get("checked", True):  # eps monotonicity needs two or more eps: no figure rather than a 0
-                yield "gradient_masking_flag", {"check": check}, float(bool(flag.get("flag")))
-    else:
-        row = res["robust"][0]
-        yield "recall_at_1_ratio", {"condition": "clean"}, float(res["recall_at_1"])
-        yield "recall_at_1_ratio", {"condition": "attacked"}, float(row["recall_at_1_attacked"])
-        yield "ers_lite", {}, float(row["ers_lite"])
-        yield "embedding_shift", {}, float(row["embedding_shift"])
+    from serving.runtime.tasks import get_task
+
+    yield from get_task(report.get("task")).metric_samples(res)
 
 
 def config_id(report: dict) -> str:

@@ -6,11 +6,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.runtime.spec import Frozen
-
-DEFAULT_CLASSIFIER_ATTACKS = ("pgd", "cw", "apgd-ce")
-# ES gives Recall@1 under attack and the embedding shift; QA- and GTT are the cheapest ranking attacks on the
-# query side.
-DEFAULT_RETRIEVAL_ATTACKS = ("ES", "QA-", "GTT")
+from serving.runtime.tasks import TaskName, get_task
 
 
 class ProbeSettings(Frozen):
@@ -60,7 +56,7 @@ class ProbeRequest(_Strict):
     attacks: Optional[list[str]] = Field(None, min_length=1)
     eps: Optional[list[float]] = Field(None, min_length=1)
     steps: Optional[int] = Field(None, ge=1)
-    step: Optional[float] = Field(None, gt=0)  # absolute step size; None: eps / 4 (classifiers), 3/255 (embedders)
+    step: Optional[float] = Field(None, gt=0)  # absolute step size; None: the task's default (eps / 4, 3/255)
     n: Optional[int] = Field(None, ge=1)  # first n probe images; None: all of them (up to the cap)
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
@@ -68,7 +64,7 @@ class ProbeRequest(_Strict):
 class ProbeConfig(Frozen):
     """A probe's resolved attack configuration: with the model and probe-set hashes, what makes it repeatable."""
 
-    task: Literal["classification", "embedding"]
+    task: TaskName
     attacks: tuple[str, ...]
     eps: tuple[float, ...]
     steps: int
@@ -85,24 +81,18 @@ def resolve(req: ProbeRequest, task: str, threat_eps: Optional[float], input_siz
     """A start request -> its full configuration, or InvalidInput saying which limit or value is wrong."""
     from serving.runtime.errors import InvalidInput
 
-    allowed = classifier_attacks() if task == "classification" else retrieval_attacks()
-    attacks = tuple(req.attacks) if req.attacks else (
-        DEFAULT_CLASSIFIER_ATTACKS if task == "classification" else DEFAULT_RETRIEVAL_ATTACKS)
+    t = get_task(task)
+    allowed = t.probe_attacks()
+    attacks = tuple(req.attacks) if req.attacks else t.default_attacks
     bad = [a for a in attacks if a not in allowed]
     if bad:
         raise InvalidInput(f"unknown attack(s) {bad} for a {task} model; choose from {list(allowed)}")
     if len(set(attacks)) != len(attacks):
         raise InvalidInput(f"attacks {list(attacks)} name one attack twice")
-    if task == "embedding" and "ES" not in attacks:
-        attacks = ("ES", *attacks)  # Recall@1 under attack and the embedding shift come from ES
+    attacks = (*(a for a in t.required_attacks if a not in attacks), *attacks)
     if len(attacks) > limits.max_attacks:
         raise InvalidInput(f"{len(attacks)} attacks asked for; this server allows at most {limits.max_attacks}")
-    if req.eps:
-        eps = tuple(sorted(set(float(e) for e in req.eps)))
-    elif task == "classification":
-        eps = (threat_eps if threat_eps else 0.1,)
-    else:
-        eps = (threat_eps if threat_eps else (77 / 255 if max(input_size) <= 32 else 8 / 255),)
+    eps = tuple(sorted(set(float(e) for e in req.eps))) if req.eps else (t.default_eps(threat_eps, input_size),)
     def on_grid(e: float, g: float) -> bool:
         return abs(e / g - round(e / g)) < 1e-6
 
@@ -116,7 +106,7 @@ def resolve(req: ProbeRequest, task: str, threat_eps: Optional[float], input_siz
                            f"of [0, 1] images)")
     if len(eps) > limits.max_eps_values:
         raise InvalidInput(f"{len(eps)} eps values asked for; this server allows at most {limits.max_eps_values}")
-    steps = req.steps if req.steps is not None else min(20 if task == "classification" else 32, limits.max_steps)
+    steps = req.steps if req.steps is not None else min(t.default_steps, limits.max_steps)
     if steps > limits.max_steps:
         raise InvalidInput(f"steps {steps} exceeds this server's cap of {limits.max_steps}")
     if available < 1:
@@ -126,11 +116,11 @@ def resolve(req: ProbeRequest, task: str, threat_eps: Optional[float], input_siz
         raise InvalidInput(f"n {n} exceeds this server's cap of {limits.max_n} probe images")
     if n > available:
         raise InvalidInput(f"n {n} exceeds the {available} images of this model's probe set")
-    if task == "embedding" and n < 2:
-        raise InvalidInput("a retrieval probe needs at least 2 images")
+    if n < t.min_probe_n:
+        raise InvalidInput(f"a {t.title} probe needs at least {t.min_probe_n} images")
     if req.step is not None and req.step > limits.max_eps:
         raise InvalidInput(f"step {req.step:g} exceeds max_eps {limits.max_eps:g}: a step larger than the ball "
                            f"only lands on its surface")
-    step = req.step if req.step is not None else (None if task == "classification" else 3 / 255)
+    step = req.step if req.step is not None else t.default_step
     return ProbeConfig(task=task, attacks=attacks, eps=eps, steps=steps, step=step, n=n, seed=req.seed,
                        batch_size=limits.batch_size)

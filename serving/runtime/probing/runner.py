@@ -248,18 +248,12 @@ class ProbeRunner:
 
 def run_probe(service: Any, module: Any, cfg: ProbeConfig, deadline: Optional[float] = None) -> dict:
     """The measurement part of a report, for ``service`` (a ModelService) with gradients from ``module``."""
-    from serving.runtime.probing.measure import classifier_probe, retrieval_probe
+    from serving.runtime.tasks import get_task
 
     if service.probes is None:
         raise InvalidInput("this model's archive holds no probe set")
     device = str(next(iter(module.parameters())).device)
-    if cfg.task == "classification":
-        results = classifier_probe(module, service.forward, service.probes, cfg, deadline=deadline, device=device)
-    else:
-        idx = service.index
-        results = retrieval_probe(module, service.forward, service.probes, cfg, idx.vectors(), idx.labels,
-                                  idx.ids, deadline=deadline, device=device)
-    return {"results": results}
+    return {"results": get_task(cfg.task).measure(service, module, cfg, deadline, device)}
 
 
 def identity(service: Any, cfg: ProbeConfig) -> dict:

@@ -40,7 +40,8 @@ SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("fixture,module", [("classifier_model_dir", "classification"),
-                                            ("retrieval_model_dir", "retrieval")])
+                                            ("retrieval_model_dir", "retrieval"),
+                                            ("retrieval_model_dir", "handlers.served")])
 def test_loading_a_handler_imports_no_training_module(request, fixture, module, tmp_path):
     import numpy as np
 
