@@ -9,11 +9,15 @@ def handler_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def classifier_model_dir(handler_root):
-    """An unpacked classifier archive, as TorchServe lays it out before calling the handler."""
+def classifier_export(handler_root):
     ckpt = write_untrained_checkpoint(handler_root / "clf" / "model.pt", "smallcnn")
-    export = export_small(ckpt, handler_root / "clf" / "export")
-    mar = archive_small(export, handler_root / "store", "clf", service={"top_k": 3})
+    return export_small(ckpt, handler_root / "clf" / "export")
+
+
+@pytest.fixture(scope="session")
+def classifier_model_dir(classifier_export, handler_root):
+    """An unpacked classifier archive, as TorchServe lays it out before calling the handler."""
+    mar = archive_small(classifier_export, handler_root / "store", "clf", service={"top_k": 3})
     return unpack(mar, handler_root / "unpacked" / "clf")
 
 

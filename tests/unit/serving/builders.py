@@ -3,6 +3,7 @@ context. Imported as ``tests.unit.serving.builders`` (run pytest as ``python -m 
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from pathlib import Path
 from typing import Any, Optional
@@ -124,3 +125,39 @@ class MockContext:
 
     def status(self, idx: int) -> int:
         return self.statuses.get(idx, (200, ""))[0]
+
+
+# --- probes --------------------------------------------------------------------------------------------------------
+
+KEY = "k" * 20  # the probe key of the probe tests
+PROBE_REQUEST = {"attacks": ["pgd", "fgsm"], "eps": [0.2, 0.05], "steps": 3, "n": 8, "seed": 5}
+
+
+def probe_service(root, state_dir, key=KEY, on_report=None, enable=True, **limits):
+    """A served classifier with probe limits ``limits`` (no rate limit unless asked for) and probes enabled."""
+    from serving.runtime.probing.params import ProbeSettings
+    from serving.runtime.probing.runner import key_digest
+    from serving.runtime.schemas import ServiceSettings
+    from serving.runtime.service import load_service
+
+    svc = load_service(root, ServiceSettings(probe=ProbeSettings(**{"min_interval_s": 0.0, **limits})))
+    if enable:
+        svc.enable_probes(state_dir, key_digest(key) if key is not None else None, on_report=on_report)
+    return svc
+
+
+def ask(svc, body, key=KEY):
+    """One request through the service's decoding path, as a host hands it over; probes never reach the batch."""
+    from serving.runtime.service import RawRequest
+
+    replies, good = svc.decode_all([RawRequest(body=body, probe_key=key)])
+    assert good == []
+    return replies[0]
+
+
+def without_seconds(results: dict) -> dict:
+    """Results minus the wall-clock timings (the only part of a measurement that may differ between runs)."""
+    out = json.loads(json.dumps(results))
+    for row in out["robust"]:
+        row.pop("seconds")
+    return out

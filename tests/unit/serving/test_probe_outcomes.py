@@ -10,7 +10,7 @@ import pytest
 import serving.runtime.probing.history as history_mod
 from serving.runtime.probing.history import ProbeGate
 from serving.serve import Instance, ServeConfig, last_probe
-from tests.unit.serving.test_probing import KEY, ask, probe_service
+from tests.unit.serving.builders import KEY, ask, probe_service
 
 
 @pytest.mark.parametrize("probe, message", [
