@@ -386,7 +386,7 @@ class RetrievalService(ModelService):
 
     def __init__(self, root: str | Path, settings: ServiceSettings = ServiceSettings(), **kwargs: Any):
         super().__init__(root, settings, **kwargs)
-        self.index = RetrievalIndex.load(self.root)
+        self.index = RetrievalIndex.load(self.root, threads=self.settings.threads)
         if self.index.dim != self.spec.embedding_dim:
             raise ArtifactError(f"the gallery index holds {self.index.dim}-d vectors; the model gives "
                                 f"{self.spec.embedding_dim}-d embeddings")

@@ -47,3 +47,40 @@ def test_k_capped_at_gallery_size_and_shape_checked():
     assert p.shape == (1, 3) and p[0, 0] == 0 and d[0, 0] == pytest.approx(0, abs=1e-6)
     with pytest.raises(ValueError):
         idx.search(np.ones((1, 5)), 1)
+
+
+@pytest.mark.parametrize("block_rows", [64, 1 << 16])
+@pytest.mark.parametrize("k", [1, 10, 100])
+def test_exact_search_by_blocks_equals_brute_force_and_faiss_scan(monkeypatch, block_rows, k):
+    """The matrix-product search, one block or many (k above a block's size included), answers what the plain
+    computation and FAISS's own flat scan answer: same positions in the same order, same distances."""
+    import serving.runtime.index as index_mod
+
+    monkeypatch.setattr(index_mod, "BLOCK_ROWS", block_rows)
+    rng = np.random.default_rng(2)
+    g, q = rng.normal(size=(500, 32)).astype(np.float32), rng.normal(size=(16, 32)).astype(np.float32)
+    idx = RetrievalIndex.build(g, list(range(500)), np.zeros(500, int), kind="flat")
+    d, p = idx.search(q, k)
+    d_ref, p_ref = brute_force(g.astype(np.float64), q.astype(np.float64), k)
+    np.testing.assert_array_equal(p, p_ref)
+    np.testing.assert_allclose(d, d_ref, atol=1e-5)
+    sims, p_faiss = idx.index.search(np.ascontiguousarray(_unit(q), np.float32), k)
+    np.testing.assert_array_equal(p, p_faiss)
+    # One query at a time answers what the batch answered.
+    for i in range(0, 16, 5):
+        np.testing.assert_array_equal(idx.search(q[i:i + 1], k)[1], p[i:i + 1])
+    assert p.dtype == np.int64 and d.dtype == np.float32
+
+
+def test_exact_search_runs_on_the_given_thread_budget(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        idx = RetrievalIndex.build(np.eye(3, 4), ["a", "b", "c"], [0, 1, 2])
+        idx.save(tmp_path)
+        torch.set_num_threads(2)
+        RetrievalIndex.load(tmp_path, threads=1).search(np.eye(2, 4), 1)  # a batch: the matrix product
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
