@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import tempfile
 import time
 import zipfile
@@ -38,8 +39,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_MEMBER = "model-config.yaml"
 # Result keys -> model-config.yaml keys.
-YAML_KEYS = {"batch_size": "batchSize", "max_batch_delay_ms": "maxBatchDelay", "workers": ("minWorkers",
-                                                                                           "maxWorkers")}
+YAML_KEYS = {"batch_size": ("batchSize",), "max_batch_delay_ms": ("maxBatchDelay",),
+             "workers": ("minWorkers", "maxWorkers")}
 
 
 class Sweep(Frozen):
@@ -85,8 +86,8 @@ def rule(tolerance: float) -> str:
 
 def choose(points: list[dict[str, Any]], tolerance: float) -> Optional[dict[str, Any]]:
     """The winning point (see :func:`rule`), or None when every point had errors. A point: the settings of
-    :func:`grid` plus ``req_per_s``, ``p99_ms`` and ``errors``."""
-    clean = [p for p in points if p["errors"] == 0]
+    :func:`grid` plus ``req_per_s``, ``p99_ms`` and ``errors``, or ``failed`` (why it could not be measured)."""
+    clean = [p for p in points if not p.get("failed") and p["errors"] == 0]
     if not clean:
         return None
     limit = (1 + tolerance) * min(p["p99_ms"] for p in clean)
@@ -111,7 +112,7 @@ def with_settings(mar: Path, dest: Path, settings: dict[str, int]) -> Path:
             raise ValueError(f"{mar} lacks {CONFIG_MEMBER} or {ARCHIVE_FILES}: rebuild it with `robustserve archive`")
         doc = yaml.safe_load(z.read(CONFIG_MEMBER)) or {}
         for key, value in settings.items():
-            for ykey in (YAML_KEYS[key] if isinstance(YAML_KEYS[key], tuple) else (YAML_KEYS[key],)):
+            for ykey in YAML_KEYS[key]:
                 doc[ykey] = int(value)
         config = yaml.safe_dump(doc, sort_keys=False).encode()
         listing = json.loads(z.read(ARCHIVE_FILES))
@@ -228,7 +229,17 @@ def tune(cfg: TuneConfig, command: str = "robustserve tune") -> dict[str, Any]:
         png = work / "request.png"
         png.write_bytes(sample_png(manifest, s.seed))
         load_before = list(os.getloadavg())
-        measured = [measure(base, name, p, png, s, work / f"point-{i}") for i, p in enumerate(points)]
+        measured = []
+        for i, p in enumerate(points):
+            try:
+                measured.append(measure(base, name, p, png, s, work / f"point-{i}"))
+            except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as e:
+                # One point that cannot run here (a server that does not start, workers that do not come up)
+                # is a result of the sweep, not the end of it.
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                log.warning("batch %d, delay %d ms, %d worker(s): failed: %s", p["batch_size"],
+                            p["max_batch_delay_ms"], p["workers"], why)
+                measured.append({**p, "failed": why, "errors": None})
         chosen = choose(measured, s.p99_tolerance)
         result: dict[str, Any] = {
             "suite": "tune", "command": command, "model": name, "task": manifest.model.task,
@@ -250,7 +261,7 @@ def tune(cfg: TuneConfig, command: str = "robustserve tune") -> dict[str, Any]:
         write(result, results)
         result["results"] = str(results)
     if chosen is None:
-        raise RuntimeError(f"every point answered errors; {target} left as it was (see {results})")
+        raise RuntimeError(f"every point answered errors or failed; {target} left as it was (see {results})")
     return result
 
 
@@ -298,6 +309,10 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result["points"]:
+        if p.get("failed"):
+            lines.append(f"| {p['batch_size']} | {p['max_batch_delay_ms']} | {p['workers']} | failed: "
+                         f"{p['failed']} | | | | | | |")
+            continue
         won = c is not None and all(p[k] == c[k] for k in ("batch_size", "max_batch_delay_ms", "workers"))
         lines.append(f"| {p['batch_size']} | {p['max_batch_delay_ms']} | {p['workers']} | {p['req_per_s']:,.1f} | "
                      f"{p['p50_ms']} | {p['p99_ms']} | {p['errors']} | {p['cpu_pct'].get('worker', 0):.0f} | "

@@ -29,6 +29,9 @@ def test_choose_skips_points_with_errors_and_gives_none_when_all_failed():
     # The erroring point is neither chosen nor the p99 reference (else 20 ms would be out of 1.25 x 10 ms).
     assert choose(points, 0.25) == points[0]
     assert choose([_p(1, 2, 1, 500, 20.0, errors=1)], 0.25) is None
+    failed = {"batch_size": 8, "max_batch_delay_ms": 2, "workers": 4, "failed": "not ready", "errors": None}
+    assert choose([failed, points[0]], 0.25) == points[0]
+    assert choose([failed], 0.25) is None
 
 
 def test_choose_breaks_ties_towards_fewer_workers_then_smaller_batches():
@@ -43,8 +46,13 @@ def test_grid_is_every_combination():
     assert len(g) == 4 and {p["batch_size"] for p in g} == {1, 8} and {p["workers"] for p in g} == {1, 2}
 
 
-def test_with_settings_rewrites_the_config_and_keeps_the_archive_verifiable(classifier_export, tmp_path):
-    mar = archive_small(classifier_export, tmp_path / "store", "clf", batch_size=16, max_batch_delay_ms=5)
+@pytest.fixture(scope="module")
+def mar(classifier_export, tmp_path_factory):
+    return archive_small(classifier_export, tmp_path_factory.mktemp("tune") / "store", "clf", batch_size=16,
+                         max_batch_delay_ms=5)
+
+
+def test_with_settings_rewrites_the_config_and_keeps_the_archive_verifiable(mar, tmp_path):
     before = zipfile.ZipFile(mar).namelist()
     out = with_settings(mar, tmp_path / "other" / "clf.mar", {"batch_size": 4, "max_batch_delay_ms": 7,
                                                                "workers": 2})
@@ -66,3 +74,43 @@ def test_with_settings_leaves_the_destination_alone_on_failure(tmp_path):
         with_settings(bad, dest, {"batch_size": 4})
     assert dest.read_bytes() == b"the good archive"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.mar", "dest.mar"]  # no partial file left
+
+
+def test_markdown_marks_the_chosen_point_and_shows_failed_ones():
+    from serving.bench.tune import markdown, rule
+
+    ok = {**_p(8, 2, 1, 900.0, 24.0), "p50_ms": 9.0, "cpu_pct": {"worker": 80.0}, "load_average": 1.0}
+    slow = {**_p(1, 2, 1, 300.0, 60.0), "p50_ms": 20.0, "cpu_pct": {"worker": 70.0}, "load_average": 1.0}
+    failed = {"batch_size": 8, "max_batch_delay_ms": 2, "workers": 4, "failed": "not ready", "errors": None}
+    result = {"model": "clf", "task": "classification", "rule": rule(0.25), "points": [slow, ok, failed],
+              "chosen": {k: ok[k] for k in ("batch_size", "max_batch_delay_ms", "workers", "req_per_s", "p50_ms",
+                                            "p99_ms")},
+              "config": {"concurrency": 16, "request": "one 28 x 28 PNG", "warmup_s": 1, "seconds": 5},
+              "machine": {"cores": 2, "load_average_before": [1.0, 1.0, 1.0]}}
+    rows = [line for line in markdown(result).splitlines() if line.startswith("| ") and "batch size" not in line]
+    assert rows[1].endswith("**chosen** |") and not rows[0].endswith("**chosen** |")
+    assert "failed: not ready" in rows[2]
+
+
+def test_a_tune_whose_points_all_fail_leaves_the_archive_alone_and_records_why(mar, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    import serving.bench.tune as tune_mod
+
+    if shutil.which("hey") is None:
+        pytest.skip("the load generator hey is not installed")
+
+    def no_server(*args, **kwargs):
+        raise TimeoutError("models not ready after 1 s")
+
+    monkeypatch.setattr(tune_mod, "measure", no_server)
+    before = mar.read_bytes()
+    results = tmp_path / "tune.json"
+    cfg = tune_mod.TuneConfig(mar=str(mar), results=str(results),
+                              sweep=tune_mod.Sweep(batch_sizes=(1, 4), max_batch_delays_ms=(2,), workers=(1,)))
+    with pytest.raises(RuntimeError, match="left as it was"):
+        tune_mod.tune(cfg)
+    assert mar.read_bytes() == before
+    out = json.loads(results.read_text())
+    assert out["chosen"] is None and [p["failed"] for p in out["points"]] == ["models not ready after 1 s"] * 2
