@@ -106,15 +106,26 @@ class RetrievalIndex:
 
     def _exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Unit queries [N, D] -> (the k largest inner products [N, k] descending, gallery positions [N, k] int64),
-        over every gallery vector: block by block, each block's top k merged into the running top k."""
+        over every gallery vector, on ``self.threads`` threads."""
         torch = _torch()
-        if torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
         if self._gallery is None:
             n, d = len(self), self.dim
             # A view, not a copy: the index keeps its vectors contiguous, float32, row-major, and is never added to.
             self._gallery = torch.from_numpy(_faiss().rev_swig_ptr(self.index.get_xb(), n * d).reshape(n, d))
-        g = self._gallery
+        # torch's thread count is the process's: set for the product and put back (costs microseconds), so a
+        # process that searches (a CLI probing an archive) keeps its own setting for everything else.
+        before = torch.get_num_threads()
+        if before != self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            return self._blocks(torch, self._gallery, q, k)
+        finally:
+            if before != self.threads:
+                torch.set_num_threads(before)
+
+    @staticmethod
+    def _blocks(torch, g, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block by block of the gallery ``g`` [G, D]: each block's top k merged into the running top k."""
         best_s = best_p = None
         with torch.inference_mode():
             qt = torch.from_numpy(q)

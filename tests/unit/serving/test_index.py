@@ -72,15 +72,24 @@ def test_exact_search_by_blocks_equals_brute_force_and_faiss_scan(monkeypatch, b
     assert p.dtype == np.int64 and d.dtype == np.float32
 
 
-def test_exact_search_runs_on_the_given_thread_budget(tmp_path):
+def test_exact_search_runs_on_the_given_thread_budget_and_puts_torchs_back(tmp_path, monkeypatch):
     import torch
+
+    seen = []
+    topk = torch.topk
+
+    def recording_topk(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return topk(*args, **kwargs)
 
     before = torch.get_num_threads()
     try:
         idx = RetrievalIndex.build(np.eye(3, 4), ["a", "b", "c"], [0, 1, 2])
         idx.save(tmp_path)
         torch.set_num_threads(2)
+        monkeypatch.setattr(torch, "topk", recording_topk)
         RetrievalIndex.load(tmp_path, threads=1).search(np.eye(2, 4), 1)  # a batch: the matrix product
-        assert torch.get_num_threads() == 1
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
