@@ -224,6 +224,9 @@ def test_retrieval_equals_the_offline_embedder_and_gallery(server, images):
     assert v2.status == 200
     ids = {o["name"]: o for o in v2.body["outputs"]}["neighbor_ids"]
     assert ids["shape"] == [2, 2]
+    # Two images in one request are searched as one batch (the index's matrix product): same neighbours as offline.
+    for i in range(2):
+        assert ids["data"][2 * i:2 * i + 2] == [index.ids[j] for j in np.argsort(-(gallery @ q[i]))[:2]]
 
 
 def test_prometheus_metrics_need_no_token_and_count_handler_events(server, images):
