@@ -161,9 +161,23 @@ def sample_png(manifest: ExportManifest, seed: int) -> bytes:
     return buf.getvalue()
 
 
+def ready_workers(inst, name: str, n: int, timeout: float) -> list[int]:
+    """The pids of ``name``'s workers once ``n`` are READY (start() returns at the first)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = inst.get("management", f"/models/{name}")
+        ready = [int(w["pid"]) for m in (body if status == 200 else []) for w in m.get("workers", [])
+                 if w.get("status") == "READY" and w.get("pid")]
+        if len(ready) >= n:
+            return ready
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name}: {len(ready)} of {n} worker(s) READY after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
 def measure(base: Path, name: str, point: dict[str, int], png: Path, s: Sweep, work: Path) -> dict[str, Any]:
     """Serves ``base`` with ``point``'s settings on a fresh TorchServe and drives it with hey."""
-    from serving.bench.load import free_ports, hey, worker_pids
+    from serving.bench.load import free_ports, hey
     from serving.serve import ServeConfig, start, stop
 
     store = work / "store"
@@ -175,9 +189,7 @@ def measure(base: Path, name: str, point: dict[str, int], png: Path, s: Sweep, w
     try:
         url = inst.url("inference") + f"/predictions/{name}"
         auth = inst.headers("inference")
-        workers = worker_pids(inst, name)
-        if len(workers) != point["workers"]:
-            raise RuntimeError(f"{point}: {len(workers)} worker(s) running, {point['workers']} asked for")
+        workers = ready_workers(inst, name, point["workers"], s.ready_timeout_s)
         if s.warmup_s:
             hey(url, png, "image/png", auth, s.concurrency, s.warmup_s, {})
         load_before = os.getloadavg()[0]
@@ -185,7 +197,7 @@ def measure(base: Path, name: str, point: dict[str, int], png: Path, s: Sweep, w
                 {"worker": workers, "frontend": [inst.pid()] if inst.pid() else []})
     finally:
         stop(cfg)
-    r.update(point, load_average=round(load_before, 2))
+    r.update(point, workers_ready=len(workers), load_average=round(load_before, 2))
     log.info("batch %d, delay %d ms, %d worker(s): %.1f req/s, p50 %.2f ms, p99 %.2f ms, %d errors",
              point["batch_size"], point["max_batch_delay_ms"], point["workers"], r["req_per_s"], r["p50_ms"],
              r["p99_ms"], r["errors"])

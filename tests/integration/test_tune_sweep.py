@@ -18,14 +18,16 @@ def test_tune_writes_the_winning_point_into_the_archive(tmp_path):
     export = export_small(ckpt, tmp_path / "export")
     mar = archive_small(export, tmp_path / "store", "clf", batch_size=16, max_batch_delay_ms=5)
     results = tmp_path / "tune.json"
-    rc = main(["tune", "--set", f"mar={mar}", "--set", f"results={results}", "--set", "sweep.batch_sizes=[1, 8]",
-               "--set", "sweep.max_batch_delays_ms=[3]", "--set", "sweep.workers=[1]", "--set", "sweep.seconds=2",
+    rc = main(["tune", "--set", f"mar={mar}", "--set", f"results={results}", "--set", "sweep.batch_sizes=[8]",
+               "--set", "sweep.max_batch_delays_ms=[3]", "--set", "sweep.workers=[1, 2]", "--set", "sweep.seconds=2",
                "--set", "sweep.concurrency=4", "--set", "sweep.warmup_s=0.5"])
     assert rc == 0
     out = json.loads(results.read_text())
     measured = [(p["batch_size"], p["max_batch_delay_ms"], p["workers"]) for p in out["points"]]
-    assert measured == [(1, 3, 1), (8, 3, 1)]
+    assert measured == [(8, 3, 1), (8, 3, 2)]
     assert all(p["requests"] > 0 and p["req_per_s"] > 0 and p["p99_ms"] >= p["p50_ms"] > 0 for p in out["points"])
+    assert [p["workers_ready"] for p in out["points"]] == [1, 2] and all(p["cpu_pct"]["worker"] > 0
+                                                                          for p in out["points"])
     winner = choose(out["points"], out["config"]["p99_tolerance"])
     assert winner is not None and out["chosen"]["batch_size"] == winner["batch_size"]
     assert archive_settings(mar) == {k: winner[k] for k in ("batch_size", "max_batch_delay_ms", "workers")}
