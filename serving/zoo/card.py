@@ -23,21 +23,14 @@ WORST = "worst case"
 
 
 def budget_label(attack: dict[str, Any], num_classes: Optional[int] = None) -> str:
-    """An attack's name with its whole budget: ``PGD-20``, ``APGD-CE-100``, ``APGD-T-100x9`` (steps x target
-    classes), with ``, 5 restarts`` when it restarts. ``attack``: an AttackSpec as a dict."""
-    name, steps = attack["name"], int(attack.get("steps", 1))
-    base = {"fgsm": "FGSM", "pgd": "PGD", "cw": "CW", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T",
-            "apgd-dlr": "APGD-DLR"}.get(name, name.upper())
-    if name == "fgsm":
-        out = base
-    elif name == "apgd-t":
-        # APGD-T tries up to 9 of the most likely wrong classes (AutoAttack's default), at most K - 1.
-        targets = 9 if num_classes is None else min(9, num_classes - 1)
-        out = f"{base}-{steps}x{targets}"
-    else:
-        out = f"{base}-{steps}"
-    restarts = int(attack.get("restarts", 1))
-    return out + (f", {restarts} restarts" if restarts > 1 else "")
+    """An attack's name with its whole budget, from the attack registry's label: ``PGD-20``, ``APGD-CE-100``,
+    ``APGD-T-100x9`` (steps x target classes, at most K - 1), with ``, 5 restarts`` when it restarts.
+    ``attack``: an AttackSpec as a dict."""
+    from serving.runtime.attacks import get_attack
+
+    options = {k: v for k, v in attack.items() if k not in ("name", "steps", "restarts")}
+    return get_attack(attack["name"]).label(attack.get("steps"), restarts=int(attack.get("restarts", 1)),
+                                            num_classes=num_classes, **options)
 
 
 def _fraction(value: float, n: int) -> dict[str, Any]:

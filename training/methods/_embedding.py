@@ -37,7 +37,7 @@ class EmbeddingMethod(TrainingMethod):
 
     def __init__(self, cfg, **kwargs):
         super().__init__(cfg, **kwargs)
-        if self.spec.task != "embedding":
+        if self.spec.task != self.task:
             raise ValueError(f"method {self.name!r} trains embedders; {self.spec.arch!r} is a {self.spec.task} model")
         self.ball = LpBall.from_threat(cfg.attack)
         self.steps = cfg.attack_steps

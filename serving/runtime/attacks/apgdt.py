@@ -46,10 +46,13 @@ class APGDT(Attack):
     title = "APGD-T"
 
     @classmethod
-    def label(cls, steps: Optional[int] = None, **options) -> str:
-        """'APGD-T-<steps>x<target classes>', e.g. 'APGD-T-100x9': the budget is steps per target class."""
+    def budget(cls, steps: int, num_classes: Optional[int] = None, **options) -> str:
+        """'APGD-T-<steps>x<target classes>', e.g. 'APGD-T-100x9': the budget is steps per target class, and at
+        most K - 1 classes are targets when ``num_classes`` (K) is given."""
         n = options.get("n_target_classes") or cls.defaults()["n_target_classes"]
-        return f"{super().label(steps)}x{n}"
+        if num_classes is not None:
+            n = min(n, num_classes - 1)
+        return f"{super().budget(steps)}x{n}"
 
     def __init__(self, model: nn.Module, ball: LpBall, steps: int = 100, *, n_target_classes: int = 9,
                  restarts: int = 1, rho: float = 0.75, momentum: float = 0.75, seed: int = 0,

@@ -127,12 +127,20 @@ class Attack:
         return option in inspect.signature(cls.__init__).parameters
 
     @classmethod
-    def label(cls, steps: Optional[int] = None, **options: Any) -> str:
-        """The display name with the step budget, e.g. 'PGD-20' ('FGSM' for a one-step attack); ``steps``
-        None is the attack's default."""
+    def label(cls, steps: Optional[int] = None, *, restarts: int = 1, num_classes: Optional[int] = None,
+              **options: Any) -> str:
+        """The display name with the step budget, e.g. 'PGD-20' ('FGSM' for a one-step attack), with
+        ', 5 restarts' when it restarts; ``steps`` None is the attack's default. ``num_classes``: the model's
+        classes (K), for attacks whose budget depends on them; other options are this attack's own."""
         if not cls.takes("steps"):
             return cls.title
-        return f"{cls.title}-{cls.defaults()['steps'] if steps is None else steps}"
+        out = cls.budget(cls.defaults()["steps"] if steps is None else steps, num_classes, **options)
+        return out + (f", {restarts} restarts" if restarts > 1 else "")
+
+    @classmethod
+    def budget(cls, steps: int, num_classes: Optional[int] = None, **options: Any) -> str:
+        """The label's budget part: '<title>-<steps>'. Overridden by attacks whose budget has more factors."""
+        return f"{cls.title}-{steps}"
 
     def __init__(self, model: nn.Module, ball: LpBall, *, seed: int = 0,
                  generator: Optional[torch.Generator] = None) -> None:
