@@ -306,7 +306,12 @@ COMMANDS: dict[str, Command] = {
     "tune": Command("choose batch size, max batch delay and workers by measurement (hey against a real TorchServe "
                     "per point) and write the best into the archive's model-config.yaml", _tune_root, _run_tune,
                     "robustserve tune --set archive.export_dir=runs/pgd-at/export --set archive.name=clf "
-                    "--set 'sweep.batch_sizes=[1, 16]'", ("mar",)),
+                    "--set 'sweep.batch_sizes=[1, 16]'", ("mar",),
+                    # archive.* takes every key of `robustserve archive` (see its --help); these are the usual ones.
+                    help_keys=("archive.export_dir", "archive.name", "archive.model_store", "archive.overwrite", "mar",
+                               "results", *(f"sweep.{k}" for k in ("batch_sizes", "max_batch_delays_ms", "workers",
+                                                                   "concurrency", "seconds", "warmup_s",
+                                                                   "p99_tolerance", "ready_timeout_s", "seed")))),
     "serve": Command("start TorchServe on the model store (loopback, token auth); --foreground: stay and stop it "
                      "on SIGTERM (a container's main process)", _serve_root, _run_serve,
                      "robustserve serve --set 'models=[clf]' --set ports.inference=8090", ("model_store",)),
