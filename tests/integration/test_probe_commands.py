@@ -150,26 +150,31 @@ def test_monitor_waits_for_a_server_that_does_not_answer_then_probes_it(server, 
     work = tmp_path / "w"
     work.mkdir()
     sets = [f"probe.{k}={json.dumps(v)}" for k, v in SMALL.items()]
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "monitor", "--set", f"workdir={work}",
-                             "--set", "models=[clf]", "--set", "port=0", "--set", "rounds=1", "--set", "retry_s=0.2",
-                             "--set", "floor=0.0", *[a for s in sets for a in ("--set", s)]],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err_log = tmp_path / "monitor.err"
+    with err_log.open("w") as err_file:  # a file, not a pipe: stdout is read to its end before stderr
+        proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "monitor", "--set", f"workdir={work}",
+                                 "--set", "models=[clf]", "--set", "port=0", "--set", "rounds=1", "--set",
+                                 "retry_s=0.2", "--set", "floor=0.0", *[a for s in sets for a in ("--set", s)]],
+                                stdout=subprocess.PIPE, stderr=err_file, text=True)
     try:
         first = proc.stdout.readline()
         port = int(first.split("http://127.0.0.1:", 1)[1].split("/", 1)[0])
         time.sleep(1.5)  # several looks at an empty folder
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert proc.poll() is None, err_log.read_text()[-2000:]
         status, body = get(f"http://127.0.0.1:{port}/ready")
         assert status == 503 and "no TorchServe answers" in json.loads(body)["server"]
         status, text = get(f"http://127.0.0.1:{port}/metrics")
         assert "robustserve_monitor_server_up 0.0" in text.decode()
         for name in ("config.properties", "key_file.json", "probe_key.json"):
             (work / name).write_bytes((server.inst.work / name).read_bytes())
-        out, err = proc.communicate(timeout=240)
+        proc.wait(timeout=240)
+        # The rest through the reader that gave the first line: readline() may have buffered the lines printed
+        # right after it, which communicate() (reading the pipe itself) would never see.
+        out = proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, err[-2000:]
+    assert proc.returncode == 0, err_log.read_text()[-2000:]
     assert "waiting for the server" in out and "round 1: clf: ok" in out
 
 
