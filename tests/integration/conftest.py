@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import pytest
 
+from serving.runtime.tasks import get_task
 from serving.serve import Instance, ServeConfig, start, stop
 from tests.unit.serving.builders import archive_small, export_small, write_untrained_checkpoint
 
@@ -157,7 +158,11 @@ def server(tmp_path_factory, trained_classifier):
     emb_export = export_small(emb_ckpt, root / "exports" / "ret", probe_points=64)
     batching = dict(batch_size=16, max_batch_delay_ms=BATCH_DELAY_MS)
     archive_small(clf_export, store, "clf", service={"probe": PROBE_LIMITS}, **batching)
-    archive_small(clf_export, store, "clf-ts", service={"engine": "torchscript"}, **batching)
+    # clf-ts is served by the handler that serves any registered task through its service class
+    # (handlers/served.py); the others by their task's own handler.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(get_task("classification")), "handler", "handlers/served.py")
+        archive_small(clf_export, store, "clf-ts", service={"engine": "torchscript"}, **batching)
     # The whole test set as gallery, so the probe images are gallery items whose self-matches must be excluded.
     archive_small(emb_export, store, "ret", gallery={"subset": None}, service={"probe": PROBE_LIMITS}, **batching)
     ports = free_ports(5)

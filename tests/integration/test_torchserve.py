@@ -1,6 +1,7 @@
 import base64
 import json
 import threading
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -188,6 +189,9 @@ def test_kserve_v2_infer(server, images, offline):
 
 
 def test_served_onnx_equals_served_torchscript(server, images):
+    """clf-ts also runs the task-agnostic handler (handlers/served.py): the same answers as the classifier's own."""
+    with zipfile.ZipFile(server.store / "clf-ts.mar") as z:
+        assert json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["handler"] == "served.py"
     x, _ = images
     for i in range(4):
         a = server.predict("clf", encode(x[i]), headers={"X-Top-K": "10"})
