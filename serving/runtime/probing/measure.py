@@ -1,5 +1,6 @@
 """The measurement of one probe, host-agnostic: a server's runner, ``robustserve probe`` and ``robustserve gate``
-all call :func:`measure`.
+all reach it through the served task's ``measure`` (:mod:`serving.runtime.tasks`): :func:`classifier_probe` for
+classifiers, :func:`retrieval_probe` for retrieval models.
 
 Gradients come from ``module``, the TorchScript twin of the served artifact (ONNX has none), under
 ``torch.enable_grad()`` outside inference mode; ``serve`` is the serving session (numpy in, numpy out), which also
