@@ -212,10 +212,16 @@ def rank_attack(model: nn.Module, name: str, x: torch.Tensor, targets: RankTarge
         return pgd(lambda xa: objective(model(xa), targets), x, ball, steps, random_start=False)
 
 
-def embedding_shift_attack(model: nn.Module, x: torch.Tensor, ball: LpBall, steps: int) -> torch.Tensor:
-    """The ES attack alone: maximise ||phi(x~) - phi(x)|| per image (EST's inner maximisation), no random
-    start. x [B, C, H, W] in [0, 1] -> x_adv like x."""
+def embedding_shift_attack(model: nn.Module, x: torch.Tensor, ball: LpBall, steps: int,
+                           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The ES attack alone: maximise ||phi(x~) - phi(x)|| per image (EST's inner maximisation; for L2-normalised
+    embeddings the same as minimising their cosine). x [B, C, H, W] in [0, 1] -> x_adv like x.
+
+    Without ``generator`` it starts at x (robrank's ES, and EST's), where the objective's gradient would vanish
+    but for the reference's fixed jitter; with one it starts at a uniform random point of the ball drawn from it
+    (the export's parity check, which wants inputs away from x)."""
     with eval_mode(model), grad_enabled():
         with torch.no_grad():
             ref = model(x).detach() + ES_JITTER
-        return pgd(lambda xa: _rowdist(model(xa), ref), x, ball, steps, random_start=False)
+        return pgd(lambda xa: _rowdist(model(xa), ref), x, ball, steps, random_start=generator is not None,
+                   generator=generator)

@@ -38,20 +38,16 @@ class Embedding(ServedTask):
             raise ValueError("an embedding spec needs embedding_dim")
 
     def parity_adversarial(self, model, x, y, threat, attack, steps, seed):
-        # An embedder has no labels to attack: push each embedding away from its clean one (cosine).
+        # An embedder has no labels to attack: push each embedding away from its clean one (the ES attack).
         import torch
 
-        from serving.runtime.attacks import LpBall, eval_mode, pgd
+        from serving.runtime.attacks import LpBall
+        from serving.runtime.attacks.ranking import embedding_shift_attack
 
         ball = LpBall.from_threat(threat)
-        n_steps = steps if attack == "pgd" else 1
         if attack == "fgsm":
-            ball = ball.with_step(ball.eps)
-        with eval_mode(model), torch.no_grad():
-            ref = model(x)
-        with eval_mode(model):
-            return pgd(lambda xa: -(model(xa) * ref).sum(1), x, ball, n_steps, random_start=attack == "pgd",
-                       generator=torch.Generator().manual_seed(seed))
+            return embedding_shift_attack(model, x, ball.with_step(ball.eps), 1)
+        return embedding_shift_attack(model, x, ball, steps, generator=torch.Generator().manual_seed(seed))
 
     def parity_scores(self, out: np.ndarray, reference: np.ndarray) -> np.ndarray:
         """Similarities to the clean parity embeddings: top-k are nearest neighbours among them."""
