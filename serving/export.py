@@ -40,6 +40,7 @@ from serving.runtime.artifacts import (
     sha256_file,
 )
 from serving.runtime.probe_set import PROBES_FILE, ProbeSet
+from serving.runtime.session import OnnxSession, TorchScriptSession
 from serving.runtime.spec import Frozen, ModelSpec, ThreatModel
 from serving.runtime.tasks import get_task
 
@@ -103,8 +104,10 @@ def export(cfg: ExportConfig) -> Path:
         _write_torchscript(model, tmp / TORCHSCRIPT_FILE)
         with _quiet_exporter():
             _write_onnx(model, spec, tmp / ONNX_FILE, cfg.opset)
-        engines = {"torchscript": _torchscript_runner(tmp / TORCHSCRIPT_FILE),
-                   "onnx": _onnx_runner(tmp / ONNX_FILE)}
+        # Parity through the sessions that serve (CPU here), with this process's thread count left as it is.
+        threads = torch.get_num_threads()
+        engines = {"torchscript": TorchScriptSession(tmp / TORCHSCRIPT_FILE, threads=threads, device="cpu").run,
+                   "onnx": OnnxSession(tmp / ONNX_FILE, threads=threads, device="cpu").run}
         report = check_parity(model, spec, engines, x_parity, x_adv, cfg.tolerance, cfg.topk)
         report = report.model_copy(update={"attack": {"name": cfg.attack, "steps": cfg.attack_steps,
                                                       **threat.model_dump()}})
@@ -216,30 +219,6 @@ def _chmod_like_mkdir(path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o777 & ~umask)
-
-
-def _torchscript_runner(path: Path):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
-        module = torch.jit.load(str(path), map_location="cpu").eval()
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
-
-    return run
-
-
-def _onnx_runner(path: Path):
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-
-    def run(x: np.ndarray) -> np.ndarray:
-        return sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
-
-    return run
 
 
 def _ort_version() -> str:

@@ -95,17 +95,15 @@ class ModelService:
     def gradient_module(self):
         """The differentiable twin of the served artifact (TorchScript, eval mode), for probes: on the GPU the
         serving session runs on, else on the CPU."""
-        import warnings
-
         import torch
+
+        from serving.runtime.session import load_torchscript
 
         path = verify_artifact(self.root, self.manifest, "torchscript")
         dev = "cpu"
         if self.session.device == "cuda" and torch.cuda.is_available():
             dev = f"cuda:{int(self.gpu_id or 0)}"
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
-            return torch.jit.load(str(path), map_location=dev).eval()
+        return load_torchscript(path, dev)
 
     @property
     def option_keys(self) -> tuple[str, ...]:

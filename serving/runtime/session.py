@@ -50,6 +50,17 @@ class OnnxSession:
         return self._sess.run([self._output], {self._input: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
+def load_torchscript(path: str | Path, device="cpu"):
+    """The TorchScript artifact as a module in eval mode on ``device``: what the TorchScript session serves, the
+    probes differentiate and the export's parity check runs."""
+    import torch
+
+    with warnings.catch_warnings():
+        # Deprecated in torch 2.13 but still the differentiable twin of the ONNX artifact.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+        return torch.jit.load(str(path), map_location=device).eval()
+
+
 class TorchScriptSession:
     engine = "torchscript"
 
@@ -64,10 +75,7 @@ class TorchScriptSession:
         self._device = torch.device(device)
         if self._device.type == "cpu":
             torch.set_num_threads(threads)
-        with warnings.catch_warnings():
-            # Deprecated in torch 2.13 but still the differentiable twin of the ONNX artifact.
-            warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
-            self.module = torch.jit.load(str(path), map_location=self._device).eval()
+        self.module = load_torchscript(path, self._device)
         self.device = self._device.type
 
     def run(self, x: np.ndarray) -> np.ndarray:
