@@ -148,7 +148,7 @@ def test_attacks_named_alone_take_their_own_default_steps(tmp_path, capsys):
     """`attacks=[{name: fgsm}, {name: pgd}]` runs: FGSM takes its one step and PGD its default, without steps given."""
     from pathlib import Path
 
-    ckpt = Path(__file__).resolve().parents[3] / "zoo" / "smallcnn-pgd-at-small" / "model.pt"
+    ckpt = Path(__file__).resolve().parents[3] / "zoo" / "smallcnn-pgd-at" / "model.pt"
     code = main(["evaluate", "--set", f"checkpoint={ckpt}", "--set", "attacks=[{name: fgsm}, {name: pgd}]",
                  "--set", "subset=16", "--set", "batch_size=16", "--set", "sanity_checks=false", "--set",
                  "device=cpu", "--set", f"out_dir={tmp_path}"])
