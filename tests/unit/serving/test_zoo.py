@@ -51,7 +51,9 @@ def test_card_hash_matches_weights(name):
     weights = ZOO / name / card["weights"]["file"]
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == card["weights"]["sha256"]
     assert weights.stat().st_size == card["weights"]["bytes"]
-    assert weights.stat().st_size < 8 << 20, "zoo weights should be a few MB at most"
+    # The repository carries the weights: SmallCNN is 1.3 MB, C2F2 (robrank's 28 x 28 embedder, 3.8 M float32
+    # parameters) 15 MB; anything larger belongs outside git.
+    assert weights.stat().st_size < 16 << 20, "zoo weights should be at most a C2F2's size"
 
 
 @pytest.mark.parametrize("name", MODELS)
