@@ -10,11 +10,18 @@ import base64
 import binascii
 import io
 import math
+import struct
 import warnings
+import zlib
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:  # libspng: decodes a small PNG ~10x faster than PIL, whose per-image cost is mostly Python around the codec
+    import pyspng
+except ImportError:  # pragma: no cover - a base requirement; without it every PNG goes through PIL
+    pyspng = None
 
 from serving.runtime.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from serving.runtime.schemas import TensorInput
@@ -62,6 +69,14 @@ def sniff_image(data: bytes | bytearray | memoryview) -> str | None:
     return None
 
 
+# The common PNG that :func:`_fast_png` decodes with libspng: 8-bit samples, grayscale (colour type 0) for a
+# 1-channel model or RGB (colour type 2) for a 3-channel one, i.e. no mode conversion. Anything else, and any PNG
+# that may carry metadata PIL would act on (EXIF orientation in eXIf or a text chunk) or more than one frame
+# (APNG's acTL), goes through PIL; a chunk name found inside compressed data only sends the image to PIL.
+_FAST_PNG = {1: (0, "L"), 3: (2, "RGB")}
+_PIL_ONLY_CHUNKS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt", b"acTL")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
 # Where PIL's getexif() finds an orientation; an image with none of these is upright as stored.
 _ORIENTATION_INFO = frozenset({"exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp"})
 
@@ -88,6 +103,9 @@ def decode_image_u8(data: bytes | bytearray, spec: ModelSpec, *, max_bytes: int,
         raise PayloadTooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}")
     if len(data) == 0:
         raise InvalidInput("empty image")
+    fast = _fast_png(data, spec, max_pixels=max_pixels, budget=budget)
+    if fast is not None:
+        return fast
     try:
         with warnings.catch_warnings():
             # PIL warns (and past twice its limit, raises) on decompression bombs; the pixel limit below is
@@ -119,6 +137,32 @@ def decode_image_u8(data: bytes | bytearray, spec: ModelSpec, *, max_bytes: int,
         raise InvalidInput(f"cannot decode the image: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
         raise InvalidInput(f"cannot decode the image: {e}") from None
+
+
+def _fast_png(data: bytes | bytearray, spec: ModelSpec, *, max_pixels: int,
+              budget: DecodeBudget | None) -> np.ndarray | None:
+    """The common PNG (see ``_FAST_PNG``) -> uint8 [C, H, W] through libspng, with the same limits, budget charge
+    and resize as the PIL path and the same pixels; None (nothing charged) for any other image."""
+    if pyspng is None or spec.channels not in _FAST_PNG or len(data) < 33 or data[:8] != _PNG_MAGIC \
+            or data[12:16] != b"IHDR":
+        return None
+    w, h, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", bytes(data[16:29]))
+    ctype, mode = _FAST_PNG[spec.channels]
+    if depth != 8 or colour != ctype or w < 1 or h < 1 or any(c in data for c in _PIL_ONLY_CHUNKS) \
+            or zlib.crc32(data[12:29]) != int.from_bytes(data[29:33], "big"):  # libspng skips this check, PIL not
+        return None
+    if w * h > max_pixels:
+        raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+    if budget is not None:
+        budget.charge(w * h)
+    try:
+        a = pyspng.load(bytes(data), format=mode)
+    except Exception as e:  # libspng's errors (truncated, bad CRC, corrupt stream) are one RuntimeError type
+        raise InvalidInput(f"cannot decode the image: {e}") from None
+    eh, ew = spec.input_size
+    if (w, h) != (ew, eh):
+        a = np.asarray(Image.fromarray(a, mode=mode).resize((ew, eh), Image.BILINEAR), dtype=np.uint8)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
 def _to_array(img: Image.Image, spec: ModelSpec) -> np.ndarray:
