@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from handlers.base import BATCH_HEADER
+from handlers.base import BATCH_HEADER, BatchMetrics
 from handlers.classification import ClassificationHandler
 from serving.runtime.artifacts import load_manifest
 from serving.runtime.service import softmax
@@ -16,7 +16,9 @@ from tests.unit.serving.builders import MockContext, encode, sample_images
 def handler(classifier_model_dir):
     h = ClassificationHandler()
     h.initialize(MockContext(classifier_model_dir, "clf"))
-    return h
+    assert h.batch_metrics.interval_s == 1.0  # the default
+    h.batch_metrics = BatchMetrics(0.0)  # every batch's metrics go to its own context (tests/unit/handlers/
+    return h                             # test_batch_metrics.py covers the interval)
 
 
 @pytest.fixture(scope="module")
