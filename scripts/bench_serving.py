@@ -102,6 +102,7 @@ def main() -> int:
     ap.add_argument("--export", help="classifier export folder (default: an untrained SmallCNN)")
     ap.add_argument("--embedder-export", help="embedder export folder (default: an untrained C2F2)")
     ap.add_argument("--seconds", type=float, default=d.seconds, help="measured seconds per point")
+    ap.add_argument("--repeats", type=int, default=d.repeats, help="measurements of every point (medians shown)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=list(d.concurrency))
     ap.add_argument("--multi-images", type=int, nargs="+", default=list(d.multi_images))
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -112,7 +113,7 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command = "scripts/bench_serving.py " + " ".join(sys.argv[1:])
-    s = load.Settings(seconds=args.seconds, concurrency=tuple(args.concurrency),
+    s = load.Settings(seconds=args.seconds, repeats=args.repeats, concurrency=tuple(args.concurrency),
                       multi_images=tuple(args.multi_images), batch_size=args.batch_size,
                       max_batch_delay_ms=args.max_batch_delay_ms, export=args.export,
                       embedder_export=args.embedder_export, profile_seconds=args.profile, out=args.out,

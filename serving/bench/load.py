@@ -37,6 +37,7 @@ PLAIN, OURS, RETRIEVAL = "plain", "ours", "ret"
 @dataclass
 class Settings:
     seconds: float = 6.0  # per point: the machine is shared, so points are kept short
+    repeats: int = 3  # each point measured this many times, plain and ours alternating; the table shows medians
     concurrency: tuple[int, ...] = (1, 8, 32, 64)
     multi_images: tuple[int, ...] = (16, 64)
     multi_concurrency: int = 8
@@ -260,7 +261,8 @@ def run(s: Settings) -> dict[str, Any]:
         finally:
             stop(cfg)
     result.update(suite="serving", command=s.command, config={
-        "seconds_per_point": s.seconds, "batch_size": s.batch_size, "max_batch_delay_ms": s.max_batch_delay_ms,
+        "seconds_per_point": s.seconds, "repeats": s.repeats, "batch_size": s.batch_size,
+        "max_batch_delay_ms": s.max_batch_delay_ms,
         "workers_per_model": 1, "onnxruntime_threads": 1, "classifier": s.export or "untrained SmallCNN",
         "embedder": s.embedder_export or "untrained C2F2, gallery: the 10,000 test images"},
         machine={"platform": platform.platform(), "cores": os.cpu_count(), "torch": torch.__version__,
@@ -284,27 +286,50 @@ def measure(s: Settings, inst, work: Path, png: Path) -> dict[str, Any]:
 
     for model in (PLAIN, OURS, RETRIEVAL):  # warm-up: first requests, lazy initialisation
         hey(base + f"/predictions/{model}", png, "image/png", auth, 4, 2, {})
-    single: dict[str, list] = {PLAIN: [], OURS: []}
-    for i, c in enumerate(s.concurrency):
-        order = (PLAIN, OURS) if i % 2 == 0 else (OURS, PLAIN)
-        for model in order:
-            single[model].append(point(model, c))
-    multi = []
+    runs: dict[str, list[list]] = {PLAIN: [[] for _ in s.concurrency], OURS: [[] for _ in s.concurrency]}
+    bodies = {}
     for n in s.multi_images:
         body, size = v2_binary_body(png_bytes(n, seed=n))
-        f = work / f"v2-{n}.bin"
-        f.write_bytes(body)
-        r = point(OURS, s.multi_concurrency, f, "application/octet-stream", f"/v2/models/{OURS}/infer",
-                  {"Inference-Header-Content-Length": str(size)})
-        r.update(images_per_request=n, images_per_s=round(r["req_per_s"] * n, 1))
-        multi.append(r)
+        bodies[n] = (work / f"v2-{n}.bin", size)
+        bodies[n][0].write_bytes(body)
+    multi_runs: dict[int, list] = {n: [] for n in s.multi_images}
+    for rep in range(s.repeats):
+        for i, c in enumerate(s.concurrency):
+            order = (PLAIN, OURS) if (i + rep) % 2 == 0 else (OURS, PLAIN)
+            for model in order:
+                runs[model][i].append(point(model, c))
+        for n, (f, size) in bodies.items():
+            r = point(OURS, s.multi_concurrency, f, "application/octet-stream", f"/v2/models/{OURS}/infer",
+                      {"Inference-Header-Content-Length": str(size)})
+            r.update(images_per_request=n, images_per_s=round(r["req_per_s"] * n, 1))
+            multi_runs[n].append(r)
+    single = {m: [median_point(rs) for rs in per_c] for m, per_c in runs.items()}
+    multi = [median_point(rs) for rs in multi_runs.values()]
     retrieval = [point(RETRIEVAL, c) for c in s.retrieval_concurrency]
-    result = {"single_image": single, "multi_image": multi, "retrieval": retrieval}
+    result = {"single_image": single, "multi_image": multi, "retrieval": retrieval,
+              "repeats": {"single_image": runs, "multi_image": {str(n): rs for n, rs in multi_runs.items()}}}
     if s.profile_seconds:
         c = max(s.concurrency)
         prof = profile(worker_pids(inst, OURS)[0], lambda: point(OURS, c), s.profile_seconds)
         result["profile"] = {"model": OURS, "concurrency": c, **prof}
     return result
+
+
+def median_point(points: list[dict]) -> dict:
+    """Repeats of one point -> one point whose every figure is the median of the repeats' (with ``repeats``)."""
+    import statistics
+
+    if len(points) == 1:
+        return {**points[0], "repeats": 1}
+    med = lambda xs: round(statistics.median(xs), 2)
+    out = dict(points[0])
+    for k, v in points[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "concurrency" \
+                and k != "images_per_request":
+            out[k] = med([p[k] for p in points])
+    out["cpu_pct"] = {k: med([p["cpu_pct"].get(k, 0) for p in points]) for k in points[0]["cpu_pct"]}
+    out["repeats"] = len(points)
+    return out
 
 
 def worker_ms(r: dict, per: str = "req_per_s") -> float:
@@ -326,8 +351,11 @@ def markdown(result: dict) -> str:
         f"One TorchServe, one worker per model, ONNX Runtime on {cfg['onnxruntime_threads']} thread, batch "
         f"{cfg['batch_size']} / {cfg['max_batch_delay_ms']} ms, {cfg['seconds_per_point']:g} s per point (short on "
         f"purpose: the machine is shared; {m['cores']} cores, load average {m['load_average_before'][0]:.1f} before "
-        f"the run), plain and ours alternating point by point. Load generator: hey (closed loop), the same 28 x 28 "
-        f"PNG with the token. Classifier: {cfg['classifier']}. CPU in % of one core.",
+        f"the run), plain and ours alternating point by point"
+        + (f", every point measured {cfg['repeats']} times and each figure the median of its repeats (the single "
+           f"repeats are in the JSON)" if cfg.get("repeats", 1) > 1 else "")
+        + f". Load generator: hey (closed loop), the same 28 x 28 PNG with the token. Classifier: "
+          f"{cfg['classifier']}. CPU in % of one core.",
         "",
         "| handler | concurrency | req/s | p50 ms | p99 ms | errors | worker CPU % | worker CPU ms/request | "
         "frontend CPU % | hey CPU % |",
