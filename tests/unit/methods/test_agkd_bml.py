@@ -135,3 +135,38 @@ def test_label_smoothing_ramps_to_the_published_value_and_resumes(train_set, bat
     assert method.smoothing() == 0.5
     constant, _, _ = make_method("agkd-bml", train_set, {"teacher": teacher_path})
     assert constant.smoothing() == 0.5
+
+
+def test_mart_weight_ramps_to_w_mart_and_enters_the_loss(train_set, batch, teacher_path):
+    """With a MART ramp the weight rises linearly from 0 over the given epochs and then stays at w_mart; the loss
+    the step returns is the weighted sum with the ramp's weight of that step."""
+    method, model, net = make_method("agkd-bml", train_set, {"teacher": teacher_path, "w_mart": 2.0,
+                                                             "mart_ramp_epochs": 2.0}, steps=1)
+    per_epoch = method.steps_per_epoch
+    assert method.mart_weight() == 0.0
+    x, y = batch
+    loss, figs = method.training_step(net, model, x, y)
+    o = method.options
+    assert figs["w_mart"] == 0.0
+    assert loss.item() == pytest.approx(o.w_ce * figs["ce"] + o.w_at * figs["at"] + o.w_bml * figs["bml"], rel=1e-5)
+    method.load_state_dict({"steps_done": per_epoch})
+    assert method.mart_weight() == pytest.approx(2.0 * per_epoch / (2 * per_epoch))
+    loss, figs = method.training_step(net, model, x, y)
+    assert figs["w_mart"] == pytest.approx(1.0)
+    assert loss.item() == pytest.approx(figs["ce"] + figs["mart"] + figs["at"] + 2.0 * figs["bml"], rel=1e-5)
+    method.load_state_dict({"steps_done": 10 * per_epoch})
+    assert method.mart_weight() == 2.0
+    constant, _, _ = make_method("agkd-bml", train_set, {"teacher": teacher_path})
+    assert constant.mart_weight() == 1.0
+
+
+def test_bench_recipe_ramps_both_and_ablations_change_one_thing():
+    from training.bench.robust_classifiers import AGKD_RECIPE, VARIANTS
+
+    assert VARIANTS["agkd-bml"] == ("agkd-bml", AGKD_RECIPE)
+    assert AGKD_RECIPE == {"label_smoothing_ramp_epochs": 1.0, "mart_ramp_epochs": 1.0}
+    assert VARIANTS["agkd-bml-published"] == ("agkd-bml", {})
+    for name, (method, opts) in VARIANTS.items():
+        if method == "agkd-bml" and name not in ("agkd-bml", "agkd-bml-published"):
+            differs = {k for k in {*opts, *AGKD_RECIPE} if opts.get(k) != AGKD_RECIPE.get(k)}
+            assert len(differs) == 1, (name, differs)
