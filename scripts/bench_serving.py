@@ -105,6 +105,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=d.repeats, help="measurements of every point (medians shown)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=list(d.concurrency))
     ap.add_argument("--multi-images", type=int, nargs="+", default=list(d.multi_images))
+    ap.add_argument("--sized-workers", type=int, default=d.sized_workers,
+                    help="workers of a third archive of ours (default: one per core; 0: leave it out)")
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--max-batch-delay-ms", type=int, default=d.max_batch_delay_ms)
     ap.add_argument("--profile", type=float, default=d.profile_seconds, metavar="SECONDS",
@@ -115,7 +117,8 @@ def main() -> int:
     command = "scripts/bench_serving.py " + " ".join(sys.argv[1:])
     s = load.Settings(seconds=args.seconds, repeats=args.repeats, concurrency=tuple(args.concurrency),
                       multi_images=tuple(args.multi_images), batch_size=args.batch_size,
-                      max_batch_delay_ms=args.max_batch_delay_ms, export=args.export,
+                      max_batch_delay_ms=args.max_batch_delay_ms, sized_workers=args.sized_workers,
+                      export=args.export,
                       embedder_export=args.embedder_export, profile_seconds=args.profile, out=args.out,
                       command=command.strip())
     result = load.run(s)

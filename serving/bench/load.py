@@ -24,14 +24,14 @@ import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
 PLAIN_HANDLER = Path(__file__).with_name("plain_handler.py")
-PLAIN, OURS, RETRIEVAL = "plain", "ours", "ret"
+PLAIN, OURS, OURS_SIZED, RETRIEVAL = "plain", "ours", "ours-sized", "ret"
 
 
 @dataclass
@@ -45,6 +45,9 @@ class Settings:
     profile_seconds: float = 0  # > 0: py-spy samples our worker under the highest concurrency, after the rest
     batch_size: int = 16
     max_batch_delay_ms: int = 5
+    # A third archive: ours with this many workers (sized to the machine: one per core), everything else the same;
+    # 0 leaves it out. The anchor keeps one worker, as its definition says.
+    sized_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     export: Optional[str] = None  # classifier export folder; None: an untrained SmallCNN
     embedder_export: Optional[str] = None  # None: an untrained C2F2 (512-d), gallery: the 10k test images
     out: str = "benchmarks/results/serving.json"
@@ -247,6 +250,9 @@ def run(s: Settings) -> dict[str, Any]:
         store = work / "store"
         batching = dict(batch_size=s.batch_size, max_batch_delay_ms=s.max_batch_delay_ms)
         archive(ArchiveConfig(export_dir=str(clf), model_store=str(store), name=OURS, **batching))
+        if s.sized_workers:
+            archive(ArchiveConfig(export_dir=str(clf), model_store=str(store), name=OURS_SIZED,
+                                  min_workers=s.sized_workers, max_workers=s.sized_workers, **batching))
         archive(ArchiveConfig(export_dir=str(emb), model_store=str(store), name=RETRIEVAL, **batching))
         archive_plain(clf, store, s.batch_size, s.max_batch_delay_ms)
         png = work / "img.png"
@@ -262,7 +268,7 @@ def run(s: Settings) -> dict[str, Any]:
             stop(cfg)
     result.update(suite="serving", command=s.command, config={
         "seconds_per_point": s.seconds, "repeats": s.repeats, "batch_size": s.batch_size,
-        "max_batch_delay_ms": s.max_batch_delay_ms,
+        "max_batch_delay_ms": s.max_batch_delay_ms, "sized_workers": s.sized_workers,
         "workers_per_model": 1, "onnxruntime_threads": 1, "classifier": s.export or "untrained SmallCNN",
         "embedder": s.embedder_export or "untrained C2F2, gallery: the 10,000 test images"},
         machine={"platform": platform.platform(), "cores": os.cpu_count(), "torch": torch.__version__,
@@ -284,30 +290,35 @@ def measure(s: Settings, inst, work: Path, png: Path) -> dict[str, Any]:
                  r["p50_ms"], r["p99_ms"], r["errors"])
         return r
 
-    for model in (PLAIN, OURS, RETRIEVAL):  # warm-up: first requests, lazy initialisation
+    handlers = (PLAIN, OURS, OURS_SIZED) if s.sized_workers else (PLAIN, OURS)
+    for model in (*handlers, RETRIEVAL):  # warm-up: first requests, lazy initialisation
         hey(base + f"/predictions/{model}", png, "image/png", auth, 4, 2, {})
-    runs: dict[str, list[list]] = {PLAIN: [[] for _ in s.concurrency], OURS: [[] for _ in s.concurrency]}
+    runs: dict[str, list[list]] = {m: [[] for _ in s.concurrency] for m in handlers}
+    multi_of = handlers[1:]
     bodies = {}
     for n in s.multi_images:
         body, size = v2_binary_body(png_bytes(n, seed=n))
         bodies[n] = (work / f"v2-{n}.bin", size)
         bodies[n][0].write_bytes(body)
-    multi_runs: dict[int, list] = {n: [] for n in s.multi_images}
+    multi_runs: dict[str, dict[int, list]] = {m: {n: [] for n in s.multi_images} for m in multi_of}
     for rep in range(s.repeats):
         for i, c in enumerate(s.concurrency):
-            order = (PLAIN, OURS) if (i + rep) % 2 == 0 else (OURS, PLAIN)
-            for model in order:
+            k = (i + rep) % len(handlers)  # each handler goes first in turn
+            for model in handlers[k:] + handlers[:k]:
                 runs[model][i].append(point(model, c))
-        for n, (f, size) in bodies.items():
-            r = point(OURS, s.multi_concurrency, f, "application/octet-stream", f"/v2/models/{OURS}/infer",
-                      {"Inference-Header-Content-Length": str(size)})
-            r.update(images_per_request=n, images_per_s=round(r["req_per_s"] * n, 1))
-            multi_runs[n].append(r)
+        for model in multi_of:
+            for n, (f, size) in bodies.items():
+                r = point(model, s.multi_concurrency, f, "application/octet-stream", f"/v2/models/{model}/infer",
+                          {"Inference-Header-Content-Length": str(size)})
+                r.update(images_per_request=n, images_per_s=round(r["req_per_s"] * n, 1), model=model)
+                multi_runs[model][n].append(r)
     single = {m: [median_point(rs) for rs in per_c] for m, per_c in runs.items()}
-    multi = [median_point(rs) for rs in multi_runs.values()]
+    multi = [median_point(rs) for per_n in multi_runs.values() for rs in per_n.values()]
     retrieval = [point(RETRIEVAL, c) for c in s.retrieval_concurrency]
     result = {"single_image": single, "multi_image": multi, "retrieval": retrieval,
-              "repeats": {"single_image": runs, "multi_image": {str(n): rs for n, rs in multi_runs.items()}}}
+              "repeats": {"single_image": runs,
+                          "multi_image": {m: {str(n): rs for n, rs in per_n.items()} for m, per_n in
+                                          multi_runs.items()}}}
     if s.profile_seconds:
         c = max(s.concurrency)
         prof = profile(worker_pids(inst, OURS)[0], lambda: point(OURS, c), s.profile_seconds)
@@ -348,7 +359,10 @@ def markdown(result: dict) -> str:
     cfg, m = result["config"], result["machine"]
     single = result["single_image"]
     lines = [
-        f"One TorchServe, one worker per model, ONNX Runtime on {cfg['onnxruntime_threads']} thread, batch "
+        "One TorchServe, one worker per model"
+        + (f" (and a third archive of ours with {cfg['sized_workers']} workers, one per core)"
+           if cfg.get("sized_workers") else "")
+        + f", ONNX Runtime on {cfg['onnxruntime_threads']} thread, batch "
         f"{cfg['batch_size']} / {cfg['max_batch_delay_ms']} ms, {cfg['seconds_per_point']:g} s per point (short on "
         f"purpose: the machine is shared; {m['cores']} cores, load average {m['load_average_before'][0]:.1f} before "
         f"the run), plain and ours alternating point by point"
@@ -361,31 +375,45 @@ def markdown(result: dict) -> str:
         "frontend CPU % | hey CPU % |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for plain, ours in zip(single[PLAIN], single[OURS]):
-        lines.append(f"| plain | {plain['concurrency']} | {_row(plain)} |")
-        lines.append(f"| robustserve | {ours['concurrency']} | {_row(ours)} |")
-    lines += ["", "| concurrency | req/s ours / plain | p50 ours / plain | p99 ours / plain | "
-                  "worker CPU per request ours / plain |", "|---|---|---|---|---|"]
-    for plain, ours in zip(single[PLAIN], single[OURS]):
-        lines.append(f"| {plain['concurrency']} | {ours['req_per_s'] / plain['req_per_s']:.2f} | "
-                     f"{ours['p50_ms'] / plain['p50_ms']:.2f} | {ours['p99_ms'] / plain['p99_ms']:.2f} | "
-                     f"{worker_ms(ours) / worker_ms(plain):.2f} |")
+    sized = single.get(OURS_SIZED)
+    variants = [(PLAIN, "plain"), (OURS, "robustserve")]
+    if sized:
+        variants.append((OURS_SIZED, f"robustserve, {cfg['sized_workers']} workers"))
+    for i in range(len(single[PLAIN])):
+        for key, name in variants:
+            lines.append(f"| {name} | {single[key][i]['concurrency']} | {_row(single[key][i])} |")
+    ratio = lambda a, b: (f"{a['req_per_s'] / b['req_per_s']:.2f} | {a['p50_ms'] / b['p50_ms']:.2f} | "
+                          f"{a['p99_ms'] / b['p99_ms']:.2f}")
+    head = "| concurrency | req/s ours / plain | p50 ours / plain | p99 ours / plain | " \
+           "worker CPU per request ours / plain |"
+    if sized:
+        head += f" req/s {cfg['sized_workers']} workers / plain | p50 | p99 |"
+    lines += ["", head, "|---" * (5 + 3 * bool(sized)) + "|"]
+    for i, plain in enumerate(single[PLAIN]):
+        ours = single[OURS][i]
+        row = f"| {plain['concurrency']} | {ratio(ours, plain)} | {worker_ms(ours) / worker_ms(plain):.2f} |"
+        if sized:
+            row += f" {ratio(sized[i], plain)} |"
+        lines.append(row)
     multi = result.get("multi_image") or []
     if multi:
         c = multi[0]["concurrency"]
-        ref = next((r for r in single[OURS] if r["concurrency"] == c), None)
         lines += ["", f"Multi-image KServe v2 requests (binary tensor data, as tritonclient sends them), "
-                      f"concurrency {c}:", "",
-                  "| images per request | req/s | images/s | p50 ms | p99 ms | errors | x single-image rate | "
-                  "worker CPU ms/image |", "|---|---|---|---|---|---|---|---|"]
-        for r in multi:
-            x = f"{r['images_per_s'] / ref['req_per_s']:.1f}" if ref else "-"
-            lines.append(f"| {r['images_per_request']} | {r['req_per_s']:,.1f} | {r['images_per_s']:,.0f} | "
-                         f"{r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {x} | "
-                         f"{worker_ms(r, 'images_per_s'):.3f} |")
-        if ref:
-            lines.append(f"| 1 (PNG body, same concurrency) | {ref['req_per_s']:,.1f} | {ref['req_per_s']:,.0f} | "
-                         f"{ref['p50_ms']} | {ref['p99_ms']} | {ref['errors']} | 1.0 | {worker_ms(ref):.3f} |")
+                      f"concurrency {c}, against the same archive's single-image PNG requests at that concurrency:",
+                  "", "| archive | images per request | req/s | images/s | p50 ms | p99 ms | errors | "
+                      "x single-image rate | worker CPU ms/image |", "|---|---|---|---|---|---|---|---|---|"]
+        for key, name in variants[1:]:
+            ref = next((r for r in single.get(key, []) if r["concurrency"] == c), None)
+            for r in multi:
+                if r.get("model", OURS) != key:
+                    continue
+                x = f"{r['images_per_s'] / ref['req_per_s']:.1f}" if ref else "-"
+                lines.append(f"| {name} | {r['images_per_request']} | {r['req_per_s']:,.1f} | "
+                             f"{r['images_per_s']:,.0f} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {x} | "
+                             f"{worker_ms(r, 'images_per_s'):.3f} |")
+            if ref:
+                lines.append(f"| {name} | 1 (PNG body) | {ref['req_per_s']:,.1f} | {ref['req_per_s']:,.0f} | "
+                             f"{ref['p50_ms']} | {ref['p99_ms']} | {ref['errors']} | 1.0 | {worker_ms(ref):.3f} |")
     prof = result.get("profile")
     if prof:
         lines += ["", f"Where robustserve's worker spends its busy time at concurrency {prof['concurrency']} (py-spy, "
