@@ -10,6 +10,7 @@ import base64
 import binascii
 import io
 import math
+import re
 import struct
 import warnings
 import zlib
@@ -74,7 +75,7 @@ def sniff_image(data: bytes | bytearray | memoryview) -> str | None:
 # that may carry metadata PIL would act on (EXIF orientation in eXIf or a text chunk) or more than one frame
 # (APNG's acTL), goes through PIL; a chunk name found inside compressed data only sends the image to PIL.
 _FAST_PNG = {1: (0, "L"), 3: (2, "RGB")}
-_PIL_ONLY_CHUNKS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt", b"acTL")
+_PIL_ONLY_CHUNKS = re.compile(b"eXIf|tEXt|zTXt|iTXt|acTL")  # one pass over the bytes
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # Where PIL's getexif() finds an orientation; an image with none of these is upright as stored.
@@ -148,7 +149,7 @@ def _fast_png(data: bytes | bytearray, spec: ModelSpec, *, max_pixels: int,
         return None
     w, h, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", bytes(data[16:29]))
     ctype, mode = _FAST_PNG[spec.channels]
-    if depth != 8 or colour != ctype or w < 1 or h < 1 or any(c in data for c in _PIL_ONLY_CHUNKS) \
+    if depth != 8 or colour != ctype or w < 1 or h < 1 or _PIL_ONLY_CHUNKS.search(data) \
             or zlib.crc32(data[12:29]) != int.from_bytes(data[29:33], "big"):  # libspng skips this check, PIL not
         return None
     if w * h > max_pixels:
