@@ -122,19 +122,19 @@ class AGKDBML(TrainingMethod):
             per_epoch = min(per_epoch, cfg.max_steps_per_epoch)
         self.steps_per_epoch = max(1, per_epoch)
 
+    def _ramped(self, value: float, epochs: float) -> float:
+        """``value`` reached linearly from 0 over ``epochs`` (0: constant), at the current step."""
+        if epochs <= 0:
+            return value
+        return value * min(1.0, self.steps_done / (epochs * self.steps_per_epoch))
+
     def smoothing(self) -> float:
         """The label smoothing of the current step (the ramp's value while it lasts)."""
-        o = self.options
-        if o.label_smoothing_ramp_epochs <= 0:
-            return o.label_smoothing
-        return o.label_smoothing * min(1.0, self.steps_done / (o.label_smoothing_ramp_epochs * self.steps_per_epoch))
+        return self._ramped(self.options.label_smoothing, self.options.label_smoothing_ramp_epochs)
 
     def mart_weight(self) -> float:
         """MART's weight at the current step (the ramp's value while it lasts)."""
-        o = self.options
-        if o.mart_ramp_epochs <= 0:
-            return o.w_mart
-        return o.w_mart * min(1.0, self.steps_done / (o.mart_ramp_epochs * self.steps_per_epoch))
+        return self._ramped(self.options.w_mart, self.options.mart_ramp_epochs)
 
     def state_dict(self) -> dict:
         return {"steps_done": self.steps_done}
