@@ -118,10 +118,7 @@ def decode_image_u8(data: bytes | bytearray, spec: ModelSpec, *, max_bytes: int,
             w, h = img.size
             if w < 1 or h < 1:
                 raise InvalidInput(f"image has no pixels ({w}x{h})")
-            if w * h > max_pixels:
-                raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
-            if budget is not None:
-                budget.charge(w * h)
+            _charge_pixels(w, h, max_pixels, budget)
             if getattr(img, "n_frames", 1) > 1:
                 raise InvalidInput(f"the image holds {img.n_frames} frames (animated or multi-page); send one")
             if img.format == "JPEG" and spec.channels in (1, 3):
@@ -147,22 +144,37 @@ def _fast_png(data: bytes | bytearray, spec: ModelSpec, *, max_pixels: int,
     if pyspng is None or spec.channels not in _FAST_PNG or len(data) < 33 or data[:8] != _PNG_MAGIC \
             or data[12:16] != b"IHDR":
         return None
-    w, h, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", bytes(data[16:29]))
+    w, h, depth, colour = struct.unpack(">IIBB", bytes(data[16:26]))
     ctype, mode = _FAST_PNG[spec.channels]
     if depth != 8 or colour != ctype or w < 1 or h < 1 or _PIL_ONLY_CHUNKS.search(data) \
             or zlib.crc32(data[12:29]) != int.from_bytes(data[29:33], "big"):  # libspng skips this check, PIL not
         return None
-    if w * h > max_pixels:
-        raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
-    if budget is not None:
-        budget.charge(w * h)
+    _charge_pixels(w, h, max_pixels, budget)
     try:
         a = pyspng.load(bytes(data), format=mode)
     except Exception as e:  # libspng's errors (truncated, bad CRC, corrupt stream) are one RuntimeError type
         raise InvalidInput(f"cannot decode the image: {e}") from None
     eh, ew = spec.input_size
-    if (w, h) != (ew, eh):
-        a = np.asarray(Image.fromarray(a, mode=mode).resize((ew, eh), Image.BILINEAR), dtype=np.uint8)
+    return _chw(a) if (w, h) == (ew, eh) else _resized(Image.fromarray(a, mode=mode), spec)
+
+
+def _charge_pixels(w: int, h: int, max_pixels: int, budget: DecodeBudget | None) -> None:
+    """An image's pixel count from its header, held against the per-image limit and charged to the request."""
+    if w * h > max_pixels:
+        raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+    if budget is not None:
+        budget.charge(w * h)
+
+
+def _resized(img: Image.Image, spec: ModelSpec) -> np.ndarray:
+    """An image in the spec's mode -> uint8 [C, H, W] at the spec's input size (bilinear when it differs)."""
+    h, w = spec.input_size
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.BILINEAR)
+    return _chw(np.asarray(img, dtype=np.uint8))
+
+
+def _chw(a: np.ndarray) -> np.ndarray:
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
@@ -187,11 +199,7 @@ def _to_array(img: Image.Image, spec: ModelSpec) -> np.ndarray:
             img = img.convert(mode)
     else:
         raise InvalidInput(f"this model takes {spec.channels}-channel inputs: send a tensor, not an image")
-    h, w = spec.input_size
-    if img.size != (w, h):
-        img = img.resize((w, h), Image.BILINEAR)
-    a = np.asarray(img, dtype=np.uint8)
-    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+    return _resized(img, spec)
 
 
 def decode_base64(s: str, max_bytes: int) -> bytes:
