@@ -21,6 +21,7 @@ import platform
 import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
@@ -328,8 +329,6 @@ def measure(s: Settings, inst, work: Path, png: Path) -> dict[str, Any]:
 
 def median_point(points: list[dict]) -> dict:
     """Repeats of one point -> one point whose every figure is the median of the repeats' (with ``repeats``)."""
-    import statistics
-
     if len(points) == 1:
         return {**points[0], "repeats": 1}
     med = lambda xs: round(statistics.median(xs), 2)
