@@ -1,10 +1,12 @@
 """Gallery search: per-query latency of the serving index (:class:`~serving.runtime.index.RetrievalIndex`), exact
 (``flat``) against HNSW, as the gallery grows, and HNSW's recall@10 against exact search.
 
-Exact search of a batch is measured twice, side by side: the index's own path (one matrix product per query batch,
-torch, one thread) and FAISS's flat scan it replaced (``IndexFlatIP.search``, one pass over the gallery per query
-when fewer than 20 queries come together; the index still uses it for a single query). Beside each, the memory-bandwidth roofline of one query: the gallery's bytes over
-the read bandwidth of one core, measured in the same run (a dot product of a 256 MB vector with itself).
+Exact search is measured twice, side by side, on the same index and queries: the index's own paths (a single
+query through the certified int8 prefilter, :class:`~serving.runtime.index.Int8Prefilter`, falling back to the
+float32 scan; a batch as one matrix product, torch, one thread) and FAISS's float32 flat scan (``IndexFlatIP.search``,
+one pass over the gallery per query when fewer than 20 queries come together). Both must return the same neighbours.
+Beside them, the memory-bandwidth roofline of one query: the bytes scanned over the read bandwidth of one core,
+measured in the same run (a dot product of a 256 MB vector with itself).
 
 Galleries: the embedder's own embeddings of the 10,000 Fashion-MNIST test images, and synthetic galleries of random
 unit vectors of the same dimension (60,000 and 1,000,000 by default). Queries: held-out test images for the real
@@ -76,13 +78,15 @@ def real_gallery(export: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 class FaissScan:
-    """FAISS's own exact search over the index's vectors: the path the matrix product replaced, as a baseline."""
+    """FAISS's own float32 scan over the index's vectors: the baseline of both exact paths of the index."""
 
     def __init__(self, index):
         self.index = index.index
 
     def search(self, queries: np.ndarray, k: int):
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        """(cosine distances [N, k] ascending, positions [N, k]), as the index answers."""
+        sims, pos = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return 1.0 - sims, pos
 
 
 def read_bandwidth(mb: int = 256, reps: int = 5) -> float:
@@ -124,6 +128,18 @@ def per_query(index, queries: np.ndarray, k: int) -> dict[str, float]:
             "cpu_ms": r(cpu), "batch16_cpu_ms": r(batch_cpu), "batch16_wall_ms": r(batch_wall)}
 
 
+def same_neighbours(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> bool:
+    """Whether two searches found the same neighbours at the same distances: equal sets of positions per query
+    (the order of float32 near-ties may differ) and distances within 1e-6."""
+    return bool(all(set(x) == set(y) for x, y in zip(a[1], b[1])) and np.allclose(a[0], b[0], atol=1e-6))
+
+
+def single_queries(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The queries searched one at a time (the single-query path), stacked."""
+    found = [index.search(q[None], k) for q in queries]
+    return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+
+
 def recall(found: np.ndarray, exact: np.ndarray) -> float:
     """Mean fraction of the exact top-k found, [N, k] positions each."""
     return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact)]))
@@ -140,13 +156,22 @@ def bench_gallery(name: str, gallery: np.ndarray, queries: np.ndarray, s: Settin
     t = time.perf_counter()
     flat = RetrievalIndex.build(gallery, ids, labels, kind="flat")
     row["flat_build_s"] = round(time.perf_counter() - t, 2)
+    if flat.use_prefilter:
+        t = time.perf_counter()
+        flat.prefilter()
+        row["prefilter_build_s"] = round(time.perf_counter() - t, 2)
     faiss.omp_set_num_threads(1)
     row["flat"] = per_query(flat, queries, s.k)
+    pf = flat._prefilter  # its counts over the timed queries (warm-up, single and batches of 16; batches skip it)
+    row["prefilter"] = ({"certified": pf.certified, "failed": pf.failed, "skipped": pf.skipped,
+                         "bytes_per_query": int(pf.nbytes)} if pf is not None else None)
     row["flat_faiss_scan"] = per_query(FaissScan(flat), queries, s.k)
-    _, exact = flat.search(queries, s.k)
-    _, scanned = FaissScan(flat).search(queries, s.k)
-    row["flat_paths_agree"] = bool(np.array_equal(exact, scanned))
+    exact = flat.search(queries, s.k)
+    scanned = FaissScan(flat).search(queries, s.k)
+    row["flat_paths_agree"] = same_neighbours(exact, scanned)
+    row["flat_single_agree"] = same_neighbours(single_queries(flat, queries, s.k), scanned)
     row["bytes_per_query"] = int(gallery.nbytes)
+    exact = exact[1]
     log.info("%s flat: %s; faiss scan: %s", name, row["flat"], row["flat_faiss_scan"])
     del flat
     if n > s.hnsw_max:
@@ -227,28 +252,14 @@ def markdown(result: dict) -> str:
                      f"{f['cpu_ms']} | {f['batch16_cpu_ms']} | {hcols} |")
         base = base or r
     bw = cfg.get("read_gb_per_s")
-    if bw and all("flat_faiss_scan" in r for r in result["rows"]):
-        lines += ["", f"Exact search against the memory-bandwidth roofline (CPU ms per query). A single query must "
-                      f"stream the whole gallery from memory: its roofline is the gallery's bytes over the read "
-                      f"bandwidth of one core, measured in the same run at {bw:.1f} GB/s (a dot product of a 256 MB "
-                      f"vector with itself); the index runs it with FAISS's flat scan. A batch of 16 (one handler "
-                      f"batch) runs as one matrix product that reads the gallery once for all 16, against FAISS's "
-                      f"flat scan, which reads it once per query below 20 queries; both on the same index and "
-                      f"queries, one thread.", "",
-                  "| gallery | size | MB per query | roofline, 1 query | 1 query | roofline per query in 16 | "
-                  "matrix product, per query in 16 | FAISS scan, per query in 16 | batch speed-up | same results |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in result["rows"]:
-            f, fs = r["flat"], r["flat_faiss_scan"]
-            lines.append(f"| {r['gallery']} | {r['size']:,} | {r['bytes_per_query'] / 1e6:,.1f} | "
-                         f"{r['bytes_per_query'] / bw / 1e6:.2f} | {f['cpu_ms']} | "
-                         f"{r['bytes_per_query'] / bw / 1e6 / 16:.2f} | "
-                         f"{f['batch16_cpu_ms']} | {fs['batch16_cpu_ms']} | "
-                         f"x{fs['batch16_cpu_ms'] / f['batch16_cpu_ms']:.1f} | "
-                         f"{'yes' if r['flat_paths_agree'] else 'NO'} |")
-    lines += ["", "Growth of exact search with the gallery (CPU per single query, relative to the first row): " +
-              ", ".join(f"{r['size']:,}: x{r['flat']['cpu_ms'] / base['flat']['cpu_ms']:.1f}"
-                        for r in result["rows"]) + "."]
+    if bw and all("prefilter" in r for r in result["rows"]):
+        lines += _roofline_tables(result["rows"], bw)
+    for key, what in (("flat", "the index"), ("flat_faiss_scan", "FAISS's float32 scan")):
+        if all(key in r for r in result["rows"]):
+            lines += ["", f"Growth of exact search with the gallery, {what} (CPU per single query, relative to the "
+                          f"first row): " +
+                      ", ".join(f"{r['size']:,}: x{r[key]['cpu_ms'] / base[key]['cpu_ms']:.1f}"
+                                for r in result["rows"]) + "."]
     sweeps = [r for r in result["rows"] if r.get("hnsw")]
     if sweeps:
         lines += ["", "HNSW efSearch sweeps (stopped at the first value reaching the target, else at the largest "
@@ -262,3 +273,39 @@ def markdown(result: dict) -> str:
                   f" vectors (above `hnsw_max` = {cfg['hnsw_max']:,}): its build time grows about linearly with "
                   "the gallery (see the build column), too long for this shared machine."]
     return "\n".join(lines) + "\n"
+
+
+def _roofline_tables(rows: list[dict], bw: float) -> list[str]:
+    """The exact-search tables: single queries (int8 prefilter against the float32 scan) and batches of 16, each
+    beside its memory-bandwidth roofline."""
+    ms = lambda nbytes: nbytes / bw / 1e6  # noqa: E731 (ms to read nbytes at the measured bandwidth)
+    lines = ["", f"Exact search against the memory-bandwidth roofline, CPU ms per query. A query must read every "
+                 f"gallery vector, so its roofline is the bytes scanned over the read bandwidth of one core, "
+                 f"measured in the same run at {bw:.1f} GB/s (a dot product of a 256 MB vector with itself).", "",
+             "Single queries: the index scans an int8 copy of the gallery (a quarter of the bytes) and rescores the "
+             "best 128 in float32 when a bound on the int8 rounding certifies that nothing else can enter the top "
+             "10; otherwise it scans the float32 gallery, and it stops trying the int8 scan while most queries "
+             "fail (one try in 16). Galleries under 20,000 vectors go straight to the float32 scan. Counts: "
+             "queries certified / failed / sent straight to the float32 scan, over the timed queries.", "",
+             "| gallery | size | float32 MB | float32 roofline | FAISS float32 scan | int8 MB | int8 roofline | "
+             "index | certified / failed / skipped | speed-up | same results |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f, fs, pf = r["flat"], r["flat_faiss_scan"], r["prefilter"]
+        int8 = (f"{pf['bytes_per_query'] / 1e6:,.1f} | {ms(pf['bytes_per_query']):.2f}" if pf else "- | -")
+        counts = f"{pf['certified']} / {pf['failed']} / {pf['skipped']}" if pf else "not used (small gallery)"
+        lines.append(f"| {r['gallery']} | {r['size']:,} | {r['bytes_per_query'] / 1e6:,.1f} | "
+                     f"{ms(r['bytes_per_query']):.2f} | {fs['cpu_ms']} | {int8} | {f['cpu_ms']} | {counts} | "
+                     f"x{fs['cpu_ms'] / f['cpu_ms']:.1f} | {'yes' if r['flat_single_agree'] else 'NO'} |")
+    lines += ["", "Batches of 16 (one handler batch): one matrix product reads the float32 gallery once for all 16; "
+                  "FAISS's flat scan reads it once per query below 20 queries. Same index and queries, one thread.",
+              "", "| gallery | size | roofline per query in 16 | matrix product, per query in 16 | "
+                  "FAISS scan, per query in 16 | batch speed-up | same results |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f, fs = r["flat"], r["flat_faiss_scan"]
+        lines.append(f"| {r['gallery']} | {r['size']:,} | {ms(r['bytes_per_query']) / 16:.2f} | "
+                     f"{f['batch16_cpu_ms']} | {fs['batch16_cpu_ms']} | "
+                     f"x{fs['batch16_cpu_ms'] / f['batch16_cpu_ms']:.1f} | "
+                     f"{'yes' if r['flat_paths_agree'] else 'NO'} |")
+    return lines

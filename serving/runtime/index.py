@@ -7,8 +7,10 @@ Exact search of a batch of queries is one matrix product with the gallery (torch
 read straight from the FAISS index's storage, then top-k. A query streams the whole gallery from memory (60,000 x
 512 float32 = 123 MB), so its cost is set by memory bandwidth: FAISS's own flat search streams it once per query
 for batches under 20, one product reads it once per batch, which makes a handler batch of 16 several times cheaper
-per query. A single query still goes through FAISS's scan, a little faster than a matrix-vector product here
-(scripts/bench_retrieval.py measures both paths).
+per query. A single query is scanned over an int8 copy of the gallery instead (:class:`Int8Prefilter`, a quarter
+of the bytes), and the best candidates are rescored in float32; a bound on the int8 rounding certifies that no
+gallery vector outside the candidates can enter the top k, and when it cannot be certified the query falls back to
+FAISS's float32 scan, so the answer is the exact one either way (scripts/bench_retrieval.py measures every path).
 Files: ``gallery.index`` (FAISS) and ``gallery.json`` (ids, labels, class names, index kind).
 """
 from __future__ import annotations
@@ -27,6 +29,13 @@ META_FILE = "gallery.json"
 IndexKind = Literal["flat", "hnsw"]
 # Gallery rows per matrix product: bounds the score matrix at [N, 65,536] floats, whatever the gallery size.
 BLOCK_ROWS = 1 << 16
+# Single-query int8 prefilter: candidates rescored in float32 (at least this many, and at least 4 k), and the
+# smallest gallery it is used on: below it the float32 gallery (20,000 x 512 = 41 MB) is served mostly from the
+# caches, and FAISS's float32 scan is as fast (scripts/bench_retrieval.py measures both).
+PREFILTER_CANDIDATES = 128
+PREFILTER_MIN_ROWS = 20_000
+# Slack on the certificate for float32 rounding of a 512-term dot product of unit vectors (~3e-5 at worst).
+CERTIFICATE_SLACK = 1e-4
 
 
 def _faiss():
@@ -47,10 +56,130 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+class Int8Prefilter:
+    """Exact single-query search over unit vectors through an int8 copy of the gallery, when it can be certified.
+
+    Each gallery vector ``g`` is stored as ``round(c g)`` in int8 with one scale ``c = 127 / max |g|`` for the
+    gallery, and ``r = max_i ||g_i - code_i / c||`` is the largest rounding residual. A query ``q`` is rounded the
+    same way with its own scale (``q~``). ONNX Runtime's integer matrix product (``MatMulInteger``, int32
+    accumulation) gives the integer dot products exactly, so the approximate scores are ``a_i = q~ . g~_i`` and
+    ``|q . g_i - a_i| <= e = ||q - q~|| max ||g_i|| + ||q~|| r``.
+
+    The ``m`` best approximate scores become candidates, rescored in float32; let ``s_k`` be the k-th best exact
+    score among them. A vector outside them scores at most ``a_(m) + e``: when that is below ``s_k``, the
+    candidates' top k is the gallery's top k (certified). Otherwise :meth:`search` returns None and the caller
+    scans the float32 gallery. ``e`` is about 0.02 at 512 dimensions: random unit vectors certify (their top
+    scores are spread wider), the embeddings of a trained model, whose near neighbours crowd together, mostly do
+    not. :meth:`worth_trying` keeps the prefilter off while most queries fail (a failed query costs its int8 scan
+    on top of the float32 one) and tries it again every ``RETRY_EVERY`` queries.
+    """
+
+    RATE_WEIGHT = 1 / 32  # weight of the newest query in the running certification rate
+    BREAK_EVEN = 0.5  # below this rate the int8 scan costs more than it saves
+    RETRY_EVERY = 16
+
+    def __init__(self, vectors: np.ndarray, threads: int = 1):
+        n, d = vectors.shape
+        if d * 127 * 127 >= 1 << 24:
+            raise ValueError(f"{d}-d vectors: integer scores would not be exact in float32")
+        self.size = n
+        self.scale = _int8_scale(vectors)
+        codes = np.empty((d, n), np.int8)  # transposed: the right-hand side of the product
+        residual = 0.0
+        for start in range(0, n, BLOCK_ROWS):
+            block = vectors[start:start + BLOCK_ROWS]
+            ints = _int8_round(block, self.scale)
+            codes[:, start:start + len(block)] = ints.T
+            residual = max(residual, float(np.linalg.norm(block - ints / self.scale, axis=1).max()))
+        self.residual = residual
+        self.max_norm = float(np.linalg.norm(vectors, axis=1).max()) if n else 0.0
+        self.nbytes = codes.nbytes  # what a query scans
+        self.session = _int8_top_session(codes, threads)
+        self.certified = 0  # queries answered from the candidates
+        self.failed = 0  # queries the bound could not certify
+        self.skipped = 0  # queries sent straight to the float32 scan
+        self.rate = 1.0  # running certification rate
+        self._since_try = 0
+
+    def top(self, q_ints: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """Integer query [1, D] (values in [-127, 127]) -> (its m largest integer dot products with the codes,
+        descending, float32 [m]; their positions, int64 [m])."""
+        a = (q_ints + 128).astype(np.uint8)  # MatMulInteger's left side is uint8 with zero point 128
+        scores, pos = self.session.run(None, {"q": a, "m": np.array([m], np.int64)})
+        return scores[0], pos[0]
+
+    def worth_trying(self) -> bool:
+        """Whether the next query should try the prefilter (counts the ones that do not)."""
+        if self.rate >= self.BREAK_EVEN or self._since_try >= self.RETRY_EVERY:
+            self._since_try = 0
+            return True
+        self._since_try += 1
+        self.skipped += 1
+        return False
+
+    def search(self, vectors: np.ndarray, q: np.ndarray, k: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """One query ``q`` [1, D] over the float32 gallery ``vectors`` [G, D] (the rows the codes were made from)
+        -> (the k largest inner products [1, k] descending, their positions [1, k]), or None when the candidates
+        cannot be certified to hold the exact top k."""
+        m = max(PREFILTER_CANDIDATES, 4 * k)
+        if m >= len(vectors):
+            return None
+        q_scale = _int8_scale(q)
+        q_ints = _int8_round(q, q_scale)
+        approx, cand = self.top(q_ints, m)
+        exact = vectors[cand] @ q[0]
+        order = np.argsort(-exact, kind="stable")[:k]
+        q_round = q_ints[0] / q_scale
+        error = float(np.linalg.norm(q[0] - q_round)) * self.max_norm + float(np.linalg.norm(q_round)) * self.residual
+        ok = float(approx[-1]) / (q_scale * self.scale) + error + CERTIFICATE_SLACK < float(exact[order[-1]])
+        self.rate += self.RATE_WEIGHT * (float(ok) - self.rate)
+        if not ok:
+            self.failed += 1
+            return None
+        self.certified += 1
+        return exact[order][None].astype(np.float32), cand[order][None].astype(np.int64)
+
+
+def _int8_top_session(codes: np.ndarray, threads: int):
+    """An ONNX Runtime session: uint8 query [1, D] (zero point 128) and m -> the m largest integer dot products
+    with ``codes`` [D, G] (int8) as float32 (exact: below 2^24), and their positions."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    d, n = codes.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["q", "codes", "zero"], ["dots"]),
+         helper.make_node("Cast", ["dots"], ["scores"], to=TensorProto.FLOAT),
+         helper.make_node("TopK", ["scores", "m"], ["top", "pos"], axis=1)],
+        "int8_top",
+        [helper.make_tensor_value_info("q", TensorProto.UINT8, [1, d]),
+         helper.make_tensor_value_info("m", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("top", TensorProto.FLOAT, [1, None]),
+         helper.make_tensor_value_info("pos", TensorProto.INT64, [1, None])],
+        [numpy_helper.from_array(codes, "codes"), numpy_helper.from_array(np.array(128, np.uint8), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8  # what every supported ONNX Runtime reads
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _int8_scale(x: np.ndarray) -> float:
+    """The scale that maps the largest magnitude of ``x`` to 127."""
+    top = float(np.abs(x).max()) if x.size else 0.0
+    return 127.0 / top if top > 0 else 1.0
+
+
+def _int8_round(x: np.ndarray, scale: float) -> np.ndarray:
+    """``x`` scaled and rounded to integers in [-127, 127] (held as float32)."""
+    return np.clip(np.rint(x * scale), -127, 127).astype(np.float32)
+
+
 class RetrievalIndex:
     def __init__(self, index, ids: Sequence[str], labels: np.ndarray, class_names: Optional[Sequence[str]] = None,
                  kind: IndexKind = "flat", ef_search: int = 64, model_sha256: Optional[str] = None,
-                 threads: int = 1):
+                 threads: int = 1, prefilter: bool = True):
         if index.ntotal != len(ids) or len(ids) != len(labels):
             raise ArtifactError(f"gallery index holds {index.ntotal} vectors, {len(ids)} ids, {len(labels)} labels")
         self.index = index
@@ -62,6 +191,9 @@ class RetrievalIndex:
         self.model_sha256 = model_sha256  # the artifact that computed the gallery embeddings
         self.threads = threads  # intra-op threads of exact search: a worker's budget (workers scale out)
         self._gallery = None  # flat: a torch view [G, D] of the index's own storage, made at the first search
+        # flat: the int8 prefilter of single queries (None: FAISS's float32 scan), made at the first single query
+        self.use_prefilter = prefilter and kind == "flat" and len(ids) >= PREFILTER_MIN_ROWS
+        self._prefilter: Optional[Int8Prefilter] = None
         if kind == "hnsw":
             index.hnsw.efSearch = ef_search
 
@@ -75,8 +207,8 @@ class RetrievalIndex:
     @classmethod
     def build(cls, embeddings: np.ndarray, ids: Sequence[str], labels: Sequence[int],
               class_names: Optional[Sequence[str]] = None, kind: IndexKind = "flat", hnsw_m: int = 32,
-              ef_construction: int = 80, ef_search: int = 64, model_sha256: Optional[str] = None
-              ) -> "RetrievalIndex":
+              ef_construction: int = 80, ef_search: int = 64, model_sha256: Optional[str] = None,
+              prefilter: bool = True) -> "RetrievalIndex":
         """embeddings: [G, D]; normalised here, so cosine similarity is the inner product."""
         faiss = _faiss()
         x = _unit(embeddings)
@@ -91,7 +223,8 @@ class RetrievalIndex:
         else:
             raise ValueError(f"unknown index kind {kind!r}; choose flat or hnsw")
         index.add(x)
-        return cls(index, [str(i) for i in ids], np.asarray(labels), class_names, kind, ef_search, model_sha256)
+        return cls(index, [str(i) for i in ids], np.asarray(labels), class_names, kind, ef_search, model_sha256,
+                   prefilter=prefilter)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries [N, D] -> (cosine distances [N, k] ascending, gallery positions [N, k]); k is capped at the
@@ -100,7 +233,15 @@ class RetrievalIndex:
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must be [N, {self.dim}], got {q.shape}")
         k = min(int(k), len(self))
-        sims, pos = self._exact(q, k) if self.kind == "flat" and len(q) > 1 else self.index.search(q, k)
+        if self.kind != "flat":
+            sims, pos = self.index.search(q, k)
+        elif len(q) > 1:
+            sims, pos = self._exact(q, k)
+        else:
+            found = None
+            if self.use_prefilter and self.prefilter().worth_trying():
+                found = self._prefilter.search(self.gallery().numpy(), q, k)
+            sims, pos = found if found is not None else self.index.search(q, k)
         # Rounding can push 1 - similarity of a vector with itself just below 0.
         return np.maximum(1.0 - sims, 0.0).astype(np.float32), pos
 
@@ -108,20 +249,30 @@ class RetrievalIndex:
         """Unit queries [N, D] -> (the k largest inner products [N, k] descending, gallery positions [N, k] int64),
         over every gallery vector, on ``self.threads`` threads."""
         torch = _torch()
-        if self._gallery is None:
-            n, d = len(self), self.dim
-            # A view, not a copy: the index keeps its vectors contiguous, float32, row-major, and is never added to.
-            self._gallery = torch.from_numpy(_faiss().rev_swig_ptr(self.index.get_xb(), n * d).reshape(n, d))
         # torch's thread count is the process's: set for the product and put back (costs microseconds), so a
         # process that searches (a CLI probing an archive) keeps its own setting for everything else.
         before = torch.get_num_threads()
         if before != self.threads:
             torch.set_num_threads(self.threads)
         try:
-            return self._blocks(torch, self._gallery, q, k)
+            return self._blocks(torch, self.gallery(), q, k)
         finally:
             if before != self.threads:
                 torch.set_num_threads(before)
+
+    def gallery(self):
+        """flat: a torch view [G, D] of the index's own float32 storage (not a copy: the index keeps its vectors
+        contiguous, row-major, and is never added to)."""
+        if self._gallery is None:
+            n, d = len(self), self.dim
+            self._gallery = _torch().from_numpy(_faiss().rev_swig_ptr(self.index.get_xb(), n * d).reshape(n, d))
+        return self._gallery
+
+    def prefilter(self) -> Int8Prefilter:
+        """flat: the int8 copy of the gallery for single queries (built at the first call: ~0.1 s per 60,000)."""
+        if self._prefilter is None:
+            self._prefilter = Int8Prefilter(self.gallery().numpy(), self.threads)
+        return self._prefilter
 
     @staticmethod
     def _blocks(torch, g, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -392,6 +392,8 @@ class RetrievalService(ModelService):
         if built_with and "onnx" in self.manifest.artifacts and built_with != self.manifest.artifacts["onnx"].sha256:
             raise ArtifactError("the gallery index was built with a different embedder than the one shipped "
                                 "beside it; rebuild the archive")
+        if self.index.use_prefilter:
+            self.index.prefilter()  # built at load, not by the first query
 
     def check_options(self, opts: dict[str, Any]) -> dict[str, Any]:
         k = opts.get("k", self.settings.k)
