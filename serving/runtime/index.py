@@ -7,10 +7,11 @@ Exact search of a batch of queries is one matrix product with the gallery (torch
 read straight from the FAISS index's storage, then top-k. A query streams the whole gallery from memory (60,000 x
 512 float32 = 123 MB), so its cost is set by memory bandwidth: FAISS's own flat search streams it once per query
 for batches under 20, one product reads it once per batch, which makes a handler batch of 16 several times cheaper
-per query. A single query is scanned over an int8 copy of the gallery instead (:class:`Int8Prefilter`, a quarter
-of the bytes), and the best candidates are rescored in float32; a bound on the int8 rounding certifies that no
-gallery vector outside the candidates can enter the top k, and when it cannot be certified the query falls back to
-FAISS's float32 scan, so the answer is the exact one either way (scripts/bench_retrieval.py measures every path).
+per query. A single query on a large gallery is scanned over an int8 copy of the gallery instead
+(:class:`Int8Prefilter`: a quarter of the bytes, ONNX Runtime's integer product), and the best candidates are
+rescored in float32; a bound on the int8 rounding certifies that no gallery vector outside the candidates can
+enter the top k, and when it cannot be certified the query falls back to FAISS's float32 scan, so the answer is the
+exact one either way (scripts/bench_retrieval.py measures every path).
 Files: ``gallery.index`` (FAISS) and ``gallery.json`` (ids, labels, class names, index kind).
 """
 from __future__ import annotations
@@ -30,8 +31,8 @@ IndexKind = Literal["flat", "hnsw"]
 # Gallery rows per matrix product: bounds the score matrix at [N, 65,536] floats, whatever the gallery size.
 BLOCK_ROWS = 1 << 16
 # Single-query int8 prefilter: candidates rescored in float32 (at least this many, and at least 4 k), and the
-# smallest gallery it is used on: below it the float32 gallery (20,000 x 512 = 41 MB) is served mostly from the
-# caches, and FAISS's float32 scan is as fast (scripts/bench_retrieval.py measures both).
+# smallest gallery it is used on: below it the float32 gallery (20,000 x 512 = 41 MB) is served partly from the
+# caches, so there is less to save.
 PREFILTER_CANDIDATES = 128
 PREFILTER_MIN_ROWS = 20_000
 # Slack on the certificate for float32 rounding of a 512-term dot product of unit vectors (~3e-5 at worst).
