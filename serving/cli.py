@@ -309,9 +309,10 @@ COMMANDS: dict[str, Command] = {
                     "--set 'sweep.batch_sizes=[1, 16]'", ("mar",),
                     # archive.* takes every key of `robustserve archive` (see its --help); these are the usual ones.
                     help_keys=("archive.export_dir", "archive.name", "archive.model_store", "archive.overwrite", "mar",
-                               "results", *(f"sweep.{k}" for k in ("batch_sizes", "max_batch_delays_ms", "workers",
-                                                                   "concurrency", "seconds", "warmup_s",
-                                                                   "p99_tolerance", "ready_timeout_s", "seed")))),
+                               "results", *(f"sweep.{k}" for k in (
+                                   "batch_sizes", "max_batch_delays_ms", "workers", "concurrency",
+                                   "images_per_request", "seconds", "warmup_s", "p99_tolerance", "ready_timeout_s",
+                                   "seed")))),
     "serve": Command("start TorchServe on the model store (loopback, token auth); --foreground: stay and stop it "
                      "on SIGTERM (a container's main process)", _serve_root, _run_serve,
                      "robustserve serve --set 'models=[clf]' --set ports.inference=8090", ("model_store",)),

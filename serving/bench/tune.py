@@ -3,7 +3,9 @@
 Every point of a small grid (batch sizes x delays x workers) is served on its own real TorchServe (loopback, free
 ports, its own work and temp folders, always stopped), from a copy of the archive whose ``model-config.yaml``
 holds that point, and driven with the compiled load generator ``hey`` (closed loop, a fixed concurrency, one
-PNG of the model's input size, the inference token): req/s, p50, p99, non-200 answers and worker CPU per point.
+PNG of the model's input size, the inference token; with ``sweep.images_per_request`` N > 1, a KServe v2 request of N
+such PNGs in binary tensor data instead, as multi-image clients send them): req/s, p50, p99, non-200 answers and
+worker CPU per point, and images/s.
 
 The rule (:func:`choose`): among the points with no errors, those whose p99 is within ``p99_tolerance`` of the
 lowest such p99; of those, the highest req/s (ties: fewer workers, then smaller batch, then shorter delay).
@@ -50,6 +52,7 @@ class Sweep(Frozen):
     max_batch_delays_ms: tuple[int, ...] = (2, 10)
     workers: tuple[int, ...] = (1, 2)
     concurrency: int = Field(16, ge=1)  # hey's connections, closed loop
+    images_per_request: int = Field(1, ge=1, le=64)  # 1: a PNG body; N > 1: a v2 binary request of N PNGs
     seconds: float = Field(5.0, gt=0)  # measured per point; short, since every point is a fresh server
     warmup_s: float = Field(1.0, ge=0)  # load before measuring: first requests, lazy initialisation
     p99_tolerance: float = Field(0.25, ge=0)  # candidates: p99 <= (1 + this) x the lowest error-free p99
@@ -161,6 +164,38 @@ def sample_png(manifest: ExportManifest, seed: int) -> bytes:
     return buf.getvalue()
 
 
+class Load:
+    """What every point is driven with: the request body (a file for hey), its content type, the endpoint after
+    the inference address (``{name}`` filled in per archive), extra headers, and the images per request."""
+
+    def __init__(self, manifest: ExportManifest, s: Sweep, work: Path):
+        png = sample_png(manifest, s.seed)
+        self.images = s.images_per_request
+        self.body = work / "request.bin"
+        if self.images == 1:
+            self.body.write_bytes(png)
+            self.content_type, self.path, self.headers = "image/png", "/predictions/{name}", {}
+            self.what = f"one {manifest.model.input_size[0]} x {manifest.model.input_size[1]} PNG"
+        else:
+            body, length = v2_binary_request([png] * self.images)
+            self.body.write_bytes(body)
+            self.content_type, self.path = "application/octet-stream", "/v2/models/{name}/infer"
+            self.headers = {"Inference-Header-Content-Length": str(length)}
+            self.what = (f"a KServe v2 request of {self.images} {manifest.model.input_size[0]} x "
+                         f"{manifest.model.input_size[1]} PNGs in binary tensor data")
+
+
+def v2_binary_request(pngs: list[bytes]) -> tuple[bytes, int]:
+    """A v2 request of N PNGs in the binary tensor data extension, as the standard client builds it: (body, the
+    value of Inference-Header-Content-Length)."""
+    from serving.runtime.v2binary import serialize_bytes
+
+    blob = serialize_bytes(pngs)
+    header = json.dumps({"inputs": [{"name": "images", "shape": [len(pngs)], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(blob)}}]}).encode()
+    return header + blob, len(header)
+
+
 def ready_workers(inst, name: str, n: int, timeout: float) -> list[int]:
     """The pids of ``name``'s workers once ``n`` are READY (start() returns at the first)."""
     deadline = time.monotonic() + timeout
@@ -175,7 +210,7 @@ def ready_workers(inst, name: str, n: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
-def measure(base: Path, name: str, point: dict[str, int], png: Path, s: Sweep, work: Path) -> dict[str, Any]:
+def measure(base: Path, name: str, point: dict[str, int], load: Load, s: Sweep, work: Path) -> dict[str, Any]:
     """Serves ``base`` with ``point``'s settings on a fresh TorchServe and drives it with hey."""
     from serving.bench.load import free_ports, hey
     from serving.serve import ServeConfig, start, stop
@@ -187,17 +222,18 @@ def measure(base: Path, name: str, point: dict[str, int], png: Path, s: Sweep, w
                       ready_timeout_s=s.ready_timeout_s, ports=ports)
     inst = start(cfg)
     try:
-        url = inst.url("inference") + f"/predictions/{name}"
-        auth = inst.headers("inference")
+        url = inst.url("inference") + load.path.format(name=name)
+        headers = {**inst.headers("inference"), **load.headers}
         workers = ready_workers(inst, name, point["workers"], s.ready_timeout_s)
         if s.warmup_s:
-            hey(url, png, "image/png", auth, s.concurrency, s.warmup_s, {})
+            hey(url, load.body, load.content_type, headers, s.concurrency, s.warmup_s, {})
         load_before = os.getloadavg()[0]
-        r = hey(url, png, "image/png", auth, s.concurrency, s.seconds,
+        r = hey(url, load.body, load.content_type, headers, s.concurrency, s.seconds,
                 {"worker": workers, "frontend": [inst.pid()] if inst.pid() else []})
     finally:
         stop(cfg)
-    r.update(point, workers_ready=len(workers), load_average=round(load_before, 2))
+    r.update(point, workers_ready=len(workers), load_average=round(load_before, 2),
+             images_per_s=round(r["req_per_s"] * load.images, 1))
     log.info("batch %d, delay %d ms, %d worker(s): %.1f req/s, p50 %.2f ms, p99 %.2f ms, %d errors",
              point["batch_size"], point["max_batch_delay_ms"], point["workers"], r["req_per_s"], r["p50_ms"],
              r["p99_ms"], r["errors"])
@@ -238,13 +274,12 @@ def tune(cfg: TuneConfig, command: str = "robustserve tune") -> dict[str, Any]:
             base = archive(cfg.archive.model_copy(update={"model_store": str(work / "base"), "overwrite": True}))
         manifest = read_manifest(base)
         name = base.stem
-        png = work / "request.png"
-        png.write_bytes(sample_png(manifest, s.seed))
+        load = Load(manifest, s, work)
         load_before = list(os.getloadavg())
         measured = []
         for i, p in enumerate(points):
             try:
-                measured.append(measure(base, name, p, png, s, work / f"point-{i}"))
+                measured.append(measure(base, name, p, load, s, work / f"point-{i}"))
             except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as e:
                 # One point that cannot run here (a server that does not start, workers that do not come up)
                 # is a result of the sweep, not the end of it.
@@ -257,8 +292,7 @@ def tune(cfg: TuneConfig, command: str = "robustserve tune") -> dict[str, Any]:
             "suite": "tune", "command": command, "model": name, "task": manifest.model.task,
             "archive": str(target), "rule": rule(s.p99_tolerance), "points": measured,
             "chosen": {k: chosen[k] for k in (*points[0], "req_per_s", "p50_ms", "p99_ms")} if chosen else None,
-            "config": {**s.model_dump(mode="json"), "request": f"one {manifest.model.input_size[0]} x "
-                                                               f"{manifest.model.input_size[1]} PNG"},
+            "config": {**s.model_dump(mode="json"), "request": load.what},
             "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "torch": torch.__version__,
                         "load_average_before": load_before}}
         results = Path(cfg.results) if cfg.results else target.with_name(f"{target.stem}.tune.json")
@@ -317,18 +351,23 @@ def markdown(result: dict) -> str:
         "",
         f"Rule: {result['rule']}.",
         "",
-        "| batch size | max delay ms | workers | req/s | p50 ms | p99 ms | errors | worker CPU % | load average | |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    multi = cfg.get("images_per_request", 1) > 1
+    images = " images/s |" if multi else ""
+    lines += [f"| batch size | max delay ms | workers | req/s |{images} p50 ms | p99 ms | errors | worker CPU % | "
+              f"load average | |",
+              "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if multi else "")]
     for p in result["points"]:
         if p.get("failed"):
             lines.append(f"| {p['batch_size']} | {p['max_batch_delay_ms']} | {p['workers']} | failed: "
-                         f"{p['failed']} | | | | | | |")
+                         f"{p['failed']} |{' |' if multi else ''} | | | | | |")
             continue
         won = c is not None and all(p[k] == c[k] for k in ("batch_size", "max_batch_delay_ms", "workers"))
-        lines.append(f"| {p['batch_size']} | {p['max_batch_delay_ms']} | {p['workers']} | {p['req_per_s']:,.1f} | "
-                     f"{p['p50_ms']} | {p['p99_ms']} | {p['errors']} | {p['cpu_pct'].get('worker', 0):.0f} | "
-                     f"{p.get('load_average', '-')} | {'**chosen**' if won else ''} |")
+        per_image = f" {p['images_per_s']:,.1f} |" if multi else ""
+        lines.append(f"| {p['batch_size']} | {p['max_batch_delay_ms']} | {p['workers']} | {p['req_per_s']:,.1f} |"
+                     f"{per_image} {p['p50_ms']} | {p['p99_ms']} | {p['errors']} | "
+                     f"{p['cpu_pct'].get('worker', 0):.0f} | {p.get('load_average', '-')} | "
+                     f"{'**chosen**' if won else ''} |")
     lines.append("")
     if c is None:
         lines.append("No point was free of errors: nothing was written.")

@@ -31,3 +31,21 @@ def test_tune_writes_the_winning_point_into_the_archive(tmp_path):
     winner = choose(out["points"], out["config"]["p99_tolerance"])
     assert winner is not None and out["chosen"]["batch_size"] == winner["batch_size"]
     assert archive_settings(mar) == {k: winner[k] for k in ("batch_size", "max_batch_delay_ms", "workers")}
+
+
+@pytest.mark.skipif(shutil.which("hey") is None, reason="the load generator hey is not installed (apt-get install hey)")
+def test_tune_drives_multi_image_v2_requests(tmp_path):
+    """sweep.images_per_request: every request is a v2 binary request of N PNGs, answered 200, counted in images/s."""
+    ckpt = write_untrained_checkpoint(tmp_path / "clf" / "model.pt", "smallcnn")
+    export = export_small(ckpt, tmp_path / "export")
+    mar = archive_small(export, tmp_path / "store", "clf", batch_size=16, max_batch_delay_ms=5)
+    results = tmp_path / "tune.json"
+    rc = main(["tune", "--set", f"mar={mar}", "--set", f"results={results}", "--set", "sweep.batch_sizes=[4]",
+               "--set", "sweep.max_batch_delays_ms=[2]", "--set", "sweep.workers=[1]", "--set", "sweep.seconds=2",
+               "--set", "sweep.concurrency=2", "--set", "sweep.warmup_s=0.5", "--set", "sweep.images_per_request=8"])
+    assert rc == 0
+    out = json.loads(results.read_text())
+    (p,) = out["points"]
+    assert p["errors"] == 0 and p["requests"] > 0
+    assert p["images_per_s"] == pytest.approx(8 * p["req_per_s"], abs=0.1)
+    assert "8" in out["config"]["request"] and out["config"]["images_per_request"] == 8

@@ -1,6 +1,7 @@
-"""robustserve tune's selection rule and its archive rewrite (the sweep itself: tests/integration/test_tune.py)."""
+"""robustserve tune's selection rule and its archive rewrite (the sweep itself: tests/integration/test_tune_sweep.py)."""
 from __future__ import annotations
 
+import json
 import zipfile
 
 import pytest
@@ -114,3 +115,58 @@ def test_a_tune_whose_points_all_fail_leaves_the_archive_alone_and_records_why(m
     assert mar.read_bytes() == before
     out = json.loads(results.read_text())
     assert out["chosen"] is None and [p["failed"] for p in out["points"]] == ["models not ready after 1 s"] * 2
+
+
+def test_multi_image_requests_are_what_the_standard_client_sends_and_the_server_reads():
+    """The v2 body tune drives multi-image points with: the same tensors as tritonclient's binary request, and the
+    server's own parser gets the PNGs back."""
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    from serving.bench.tune import v2_binary_request
+    from serving.runtime import v2binary
+
+    pngs = [b"\x89PNG first", b"\x89PNG second, longer"]
+    body, length = v2_binary_request(pngs)
+    t = httpclient.InferInput("images", [2], "BYTES")
+    t.set_data_from_numpy(np.array(pngs, dtype=np.object_), binary_data=True)
+    ref, ref_length = httpclient.InferenceServerClient.generate_request_body([t])
+    for b, n in ((body, length), (ref, ref_length)):
+        header, data = v2binary.split_request(b, n)
+        inputs = json.loads(header)["inputs"]
+        tensors = v2binary.binary_inputs(inputs, data)
+        assert inputs[0]["shape"] == [2] and inputs[0]["datatype"] == "BYTES"
+        assert tensors[0] == pngs
+    assert body[length:] == ref[ref_length:]  # the tensor bytes are identical
+
+
+def test_load_of_single_and_multi_image_points(mar, tmp_path):
+    from serving.bench.tune import Load, Sweep, read_manifest
+
+    m = read_manifest(mar)
+    one = Load(m, Sweep(), tmp_path)
+    assert (one.content_type, one.path, one.headers, one.images) == ("image/png", "/predictions/{name}", {}, 1)
+    assert one.body.read_bytes().startswith(b"\x89PNG")
+    (tmp_path / "multi").mkdir()
+    multi = Load(m, Sweep(images_per_request=16), tmp_path / "multi")
+    assert multi.path == "/v2/models/{name}/infer" and multi.content_type == "application/octet-stream"
+    assert int(multi.headers["Inference-Header-Content-Length"]) < len(multi.body.read_bytes())
+    assert "16" in multi.what
+
+
+def test_markdown_of_a_multi_image_sweep_shows_images_per_second():
+    from serving.bench.tune import markdown, rule
+
+    ok = {**_p(8, 2, 1, 100.0, 24.0), "p50_ms": 9.0, "cpu_pct": {"worker": 80.0}, "load_average": 1.0,
+          "images_per_s": 1600.0}
+    result = {"model": "clf", "task": "classification", "rule": rule(0.25), "points": [ok],
+              "chosen": {k: ok[k] for k in ("batch_size", "max_batch_delay_ms", "workers", "req_per_s", "p50_ms",
+                                            "p99_ms")},
+              "config": {"concurrency": 8, "images_per_request": 16, "request": "16 PNGs", "warmup_s": 1,
+                         "seconds": 5},
+              "machine": {"cores": 2, "load_average_before": [1.0, 1.0, 1.0]}}
+    lines = markdown(result).splitlines()
+    head = next(line for line in lines if line.startswith("| batch size"))
+    row = next(line for line in lines if line.startswith("| 8 "))
+    assert "images/s" in head and "1,600.0" in row
+    assert head.count("|") == row.count("|")
