@@ -7,11 +7,11 @@ Exact search of a batch of queries is one matrix product with the gallery (torch
 read straight from the FAISS index's storage, then top-k. A query streams the whole gallery from memory (60,000 x
 512 float32 = 123 MB), so its cost is set by memory bandwidth: FAISS's own flat search streams it once per query
 for batches under 20, one product reads it once per batch, which makes a handler batch of 16 several times cheaper
-per query. A single query on a large gallery is scanned over an int8 copy of the gallery instead
-(:class:`Int8Prefilter`: a quarter of the bytes, ONNX Runtime's integer product), and the best candidates are
-rescored in float32; a bound on the int8 rounding certifies that no gallery vector outside the candidates can
-enter the top k, and when it cannot be certified the query falls back to FAISS's float32 scan, so the answer is the
-exact one either way (scripts/bench_retrieval.py measures every path).
+per query. On a large gallery, queries (one or a batch) are scanned over an int8 copy of the gallery first
+(:class:`Int8Prefilter`: a quarter of the bytes, ONNX Runtime's integer product), and each query's best candidates
+are rescored in float32; a bound on the int8 rounding certifies that no gallery vector outside the candidates can
+enter the top k, and a query it cannot certify is searched in float32 as above, so the answer is the exact one
+either way (scripts/bench_retrieval.py measures every path).
 Files: ``gallery.index`` (FAISS) and ``gallery.json`` (ids, labels, class names, index kind).
 """
 from __future__ import annotations
@@ -68,8 +68,9 @@ class Int8Prefilter:
 
     The ``m`` best approximate scores become candidates, rescored in float32; let ``s_k`` be the k-th best exact
     score among them. A vector outside them scores at most ``a_(m) + e``: when that is below ``s_k``, the
-    candidates' top k is the gallery's top k (certified). Otherwise :meth:`search` returns None and the caller
-    scans the float32 gallery. ``e`` is about 0.02 at 512 dimensions: random unit vectors certify (their top
+    candidates' top k is the gallery's top k (certified). Otherwise :meth:`search` marks the query uncertified and
+    the caller searches the float32 gallery for it. A batch of queries is one int8 product, which reads the codes
+    once for all of them; each query is certified on its own. ``e`` is about 0.02 at 512 dimensions: random unit vectors certify (their top
     scores are spread wider), the embeddings of a trained model, whose near neighbours crowd together, mostly do
     not. :meth:`worth_trying` keeps the prefilter off while most queries fail (a failed query costs its int8 scan
     on top of the float32 one) and tries it again every ``RETRY_EVERY`` queries.
@@ -106,47 +107,53 @@ class Int8Prefilter:
         self._since_try = 0
 
     def top(self, q_ints: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-        """Integer query [1, D] (values in [-127, 127]) -> (its m largest integer dot products with the codes,
-        descending, float32 [m]; their positions, int64 [m])."""
+        """Integer queries [N, D] (values in [-127, 127]) -> (each one's m largest integer dot products with the
+        codes, descending, float32 [N, m]; their positions, int64 [N, m])."""
         a = (q_ints + 128).astype(np.uint8)  # MatMulInteger's left side is uint8 with zero point 128
         scores, pos = self.session.run(None, {"q": a, "m": np.array([m], np.int64)})
-        return scores[0], pos[0]
+        return scores, pos
 
-    def worth_trying(self) -> bool:
-        """Whether the next query should try the prefilter (counts the ones that do not)."""
+    def worth_trying(self, queries: int = 1) -> bool:
+        """Whether the next ``queries`` (one search) should try the prefilter (counts the ones that do not)."""
         if self.rate >= self.BREAK_EVEN or self._since_try >= self.RETRY_EVERY:
             self._since_try = 0
             return True
-        self._since_try += 1
-        self.skipped += 1
+        self._since_try += queries
+        self.skipped += queries
         return False
 
-    def search(self, vectors: np.ndarray, q: np.ndarray, k: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
-        """One query ``q`` [1, D] over the float32 gallery ``vectors`` [G, D] (the rows the codes were made from)
-        -> (the k largest inner products [1, k] descending, their positions [1, k]), or None when the candidates
-        cannot be certified to hold the exact top k."""
+    def search(self, vectors: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Queries ``q`` [N, D] over the float32 gallery ``vectors`` [G, D] (the rows the codes were made from),
+        one int8 product for all N -> (the k largest inner products [N, k] descending, their positions [N, k],
+        certified [N] bool). Rows not certified hold nothing usable: search them in float32."""
+        n = len(q)
+        sims, pos = np.zeros((n, k), np.float32), np.zeros((n, k), np.int64)
+        ok = np.zeros(n, bool)
         m = max(PREFILTER_CANDIDATES, 4 * k)
         if m >= len(vectors):
-            return None
-        q_scale = _int8_scale(q)
+            return sims, pos, ok
+        q_scale = np.array([_int8_scale(row) for row in q])[:, None]
         q_ints = _int8_round(q, q_scale)
         approx, cand = self.top(q_ints, m)
-        exact = vectors[cand] @ q[0]
-        order = np.argsort(-exact, kind="stable")[:k]
-        q_round = q_ints[0] / q_scale
-        error = float(np.linalg.norm(q[0] - q_round)) * self.max_norm + float(np.linalg.norm(q_round)) * self.residual
-        ok = float(approx[-1]) / (q_scale * self.scale) + error + CERTIFICATE_SLACK < float(exact[order[-1]])
-        self.rate += self.RATE_WEIGHT * (float(ok) - self.rate)
-        if not ok:
-            self.failed += 1
-            return None
-        self.certified += 1
-        return exact[order][None].astype(np.float32), cand[order][None].astype(np.int64)
+        q_round = q_ints / q_scale
+        error = (np.linalg.norm(q - q_round, axis=1) * self.max_norm
+                 + np.linalg.norm(q_round, axis=1) * self.residual + CERTIFICATE_SLACK)
+        outside = approx[:, -1] / (q_scale[:, 0] * self.scale) + error  # the best any non-candidate can score
+        for i in range(n):
+            exact = vectors[cand[i]] @ q[i]
+            order = np.argsort(-exact, kind="stable")[:k]
+            ok[i] = outside[i] < exact[order[-1]]
+            if ok[i]:
+                sims[i], pos[i] = exact[order], cand[i][order]
+            self.rate += self.RATE_WEIGHT * (float(ok[i]) - self.rate)
+        self.certified += int(ok.sum())
+        self.failed += int(n - ok.sum())
+        return sims, pos, ok
 
 
 def _int8_top_session(codes: np.ndarray, threads: int):
-    """An ONNX Runtime session: uint8 query [1, D] (zero point 128) and m -> the m largest integer dot products
-    with ``codes`` [D, G] (int8) as float32 (exact: below 2^24), and their positions."""
+    """An ONNX Runtime session: uint8 queries [N, D] (zero point 128) and m -> each query's m largest integer dot
+    products with ``codes`` [D, G] (int8) as float32 (exact: below 2^24), and their positions."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -156,10 +163,10 @@ def _int8_top_session(codes: np.ndarray, threads: int):
          helper.make_node("Cast", ["dots"], ["scores"], to=TensorProto.FLOAT),
          helper.make_node("TopK", ["scores", "m"], ["top", "pos"], axis=1)],
         "int8_top",
-        [helper.make_tensor_value_info("q", TensorProto.UINT8, [1, d]),
+        [helper.make_tensor_value_info("q", TensorProto.UINT8, [None, d]),
          helper.make_tensor_value_info("m", TensorProto.INT64, [1])],
-        [helper.make_tensor_value_info("top", TensorProto.FLOAT, [1, None]),
-         helper.make_tensor_value_info("pos", TensorProto.INT64, [1, None])],
+        [helper.make_tensor_value_info("top", TensorProto.FLOAT, [None, None]),
+         helper.make_tensor_value_info("pos", TensorProto.INT64, [None, None])],
         [numpy_helper.from_array(codes, "codes"), numpy_helper.from_array(np.array(128, np.uint8), "zero")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8  # what every supported ONNX Runtime reads
@@ -175,8 +182,8 @@ def _int8_scale(x: np.ndarray) -> float:
     return 127.0 / top if top > 0 else 1.0
 
 
-def _int8_round(x: np.ndarray, scale: float) -> np.ndarray:
-    """``x`` scaled and rounded to integers in [-127, 127] (held as float32)."""
+def _int8_round(x: np.ndarray, scale) -> np.ndarray:
+    """``x`` scaled (a number, or one per row as [N, 1]) and rounded to integers in [-127, 127], as float32."""
     return np.clip(np.rint(x * scale), -127, 127).astype(np.float32)
 
 
@@ -239,15 +246,19 @@ class RetrievalIndex:
         k = min(int(k), len(self))
         if self.kind != "flat":
             sims, pos = self.index.search(q, k)
-        elif len(q) > 1:
-            sims, pos = self._exact(q, k)
+        elif self.use_prefilter and self.prefilter().worth_trying(len(q)):
+            sims, pos, ok = self._prefilter.search(self.gallery().numpy(), q, k)
+            if not ok.all():
+                rest = np.flatnonzero(~ok)
+                sims[rest], pos[rest] = self._float32(q[rest], k)
         else:
-            found = None
-            if self.use_prefilter and self.prefilter().worth_trying():
-                found = self._prefilter.search(self.gallery().numpy(), q, k)
-            sims, pos = found if found is not None else self.index.search(q, k)
+            sims, pos = self._float32(q, k)
         # Rounding can push 1 - similarity of a vector with itself just below 0.
         return np.maximum(1.0 - sims, 0.0).astype(np.float32), pos
+
+    def _float32(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search over the float32 gallery: one matrix product for a batch, FAISS's scan for one query."""
+        return self._exact(q, k) if len(q) > 1 else self.index.search(q, k)
 
     def _exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Unit queries [N, D] -> (the k largest inner products [N, k] descending, gallery positions [N, k] int64),

@@ -51,6 +51,7 @@ def test_error_bound_holds_for_every_gallery_vector():
             q_scale = index_mod._int8_scale(q)
             q_ints = index_mod._int8_round(q, q_scale)
             approx, pos = pf.top(q_ints, len(g))
+            approx, pos = approx[0], pos[0]
             # the integer scores are exact
             np.testing.assert_array_equal(approx, np.rint(g[pos] * pf.scale).astype(np.int64) @ q_ints[0].astype(np.int64))
             approx = approx / (q_scale * pf.scale)
@@ -133,3 +134,21 @@ def test_small_galleries_and_batches_do_not_use_it():
     assert idx._prefilter is None
     hnsw = _index(rng.normal(size=(index_mod.PREFILTER_MIN_ROWS, 8)).astype(np.float32), kind="hnsw")
     assert not hnsw.use_prefilter
+
+
+def test_a_batch_is_certified_query_by_query_and_answers_what_single_queries_do(small_galleries_prefiltered):
+    """One batch mixing queries that certify (far from everything) with ones that do not (inside a tight cluster):
+    every row is exact, and equals that query searched alone."""
+    rng = np.random.default_rng(5)
+    centre = rng.normal(size=64)
+    g = np.concatenate([rng.normal(size=(2500, 64)), centre + 0.01 * rng.normal(size=(500, 64))]).astype(np.float32)
+    queries = np.concatenate([rng.normal(size=(8, 64)), centre + 0.01 * rng.normal(size=(8, 64))]).astype(np.float32)
+    idx = _index(g)
+    d, p = idx.search(queries, 10)
+    pf = idx.prefilter()
+    assert pf.certified > 0 and pf.failed > 0 and pf.certified + pf.failed == 16
+    for i, q in enumerate(queries):
+        assert_exact(d[i:i + 1], p[i:i + 1], g, q[None], 10)
+        d1, p1 = _index(g).search(q[None], 10)
+        assert set(p1[0]) == set(p[i])
+        np.testing.assert_allclose(d1[0], d[i], atol=1e-6)
