@@ -152,3 +152,14 @@ def test_a_batch_is_certified_query_by_query_and_answers_what_single_queries_do(
         d1, p1 = _index(g).search(q[None], 10)
         assert set(p1[0]) == set(p[i])
         np.testing.assert_allclose(d1[0], d[i], atol=1e-6)
+
+
+def test_the_search_bench_counts_the_queries_that_certify(small_galleries_prefiltered):
+    from serving.bench.search import certifiable
+
+    rng = np.random.default_rng(6)
+    random = _index(rng.normal(size=(3000, 64)).astype(np.float32))
+    assert certifiable(random, rng.normal(size=(20, 64)), 10) == 1.0
+    centre = rng.normal(size=64)
+    crowded = _index((centre + 0.01 * rng.normal(size=(3000, 64))).astype(np.float32))
+    assert certifiable(crowded, centre + 0.01 * rng.normal(size=(20, 64)), 10) < 0.5
