@@ -42,7 +42,7 @@ RUN python3 -m venv /opt/venv \
       pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu && ORT=onnxruntime; \
     fi \
  && pip install -c /tmp/constraints.txt torchserve==0.12.0 pyyaml pydantic numpy pillow faiss-cpu psutil tqdm \
-      prometheus-client orjson pyspng "$ORT" \
+      prometheus-client orjson pyspng onnx "$ORT" \
  && rm /tmp/constraints.txt
 
 # Archives carry their own copy of the handler and runtime; the image needs the launcher (serve.py and what it

@@ -46,6 +46,42 @@ def test_dockerfile_essentials():
     assert "8080" in exposed and "8081" not in exposed  # management stays inside the container
 
 
+# Top-level module -> the pip package that provides it, for the modules the image's code imports.
+PACKAGE_OF = {"PIL": "pillow", "yaml": "pyyaml", "faiss": "faiss-cpu", "prometheus_client": "prometheus-client",
+              "ts": "torchserve", "onnxruntime": "$ORT"}
+
+
+def test_every_third_party_module_the_image_runs_is_installed_by_it():
+    """Each module imported anywhere (module level or inside a function) by the code the image copies comes from a
+    package its pip line installs: a missing one would fail only when a request reaches that path."""
+    import ast
+    import sys
+
+    ins = dockerfile_instructions()
+    copied = [tok for w, r in ins if w == "COPY" and not r.startswith("--") for tok in r.split()[:-1]]
+    files = []
+    for c in copied:
+        path = ROOT / c
+        if path.is_dir():
+            files += sorted(path.rglob("*.py"))
+        elif path.suffix == ".py":
+            files.append(path)
+    assert any(f.name == "index.py" for f in files) and any(f.parent.name == "handlers" for f in files)
+    modules = set()
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    local = {"serving", "handlers", "training", "__future__"}  # training: only the CLI's training commands
+    third_party = {m for m in modules if m not in sys.stdlib_module_names and m not in local}
+    pip = next(r for w, r in ins if w == "RUN" and "torchserve==" in r)
+    installed = set(re.findall(r"[A-Za-z0-9_$.-]+", pip))
+    missing = sorted(m for m in third_party if PACKAGE_OF.get(m, m) not in installed)
+    assert not missing, f"imported by the image's code, not installed by its Dockerfile: {missing}"
+
+
 def test_container_serve_config_is_valid_and_safe():
     ins = dockerfile_instructions()
     run = next(r for w, r in ins if w == "RUN" and "serve.yaml" in r)
