@@ -329,6 +329,29 @@ def _p(v: float) -> str:
     return f"{v:.3g}" if v >= 1e-3 else "<0.001"
 
 
+def sanity_line(runs: dict, points) -> str:
+    """The gradient-masking checks of every run and seed in one sentence: the flags raised (a check's flag True),
+    then the checks that could not run and why (their flag reads "not checked (why)")."""
+    raised, unchecked = set(), {}
+    for run, r in runs.items():
+        for seed, v in r["seeds"].items():
+            for check, flag in v["sanity_flags"].items():
+                if check == "any_flag":
+                    continue
+                if flag is True:
+                    raised.add(f"{run} (seed {seed}): {check}")
+                elif isinstance(flag, str):
+                    unchecked.setdefault(f"{check} {flag.removeprefix('not checked ')}", []).append(run)
+    line = (f"Sanity flags (SPEC.md section 3, first {points} points): "
+            + ("; ".join(sorted(raised)) if raised else "none raised") + ".")
+    if unchecked and all(len(set(v)) == len(runs) for v in unchecked.values()):
+        line += " Not checked, in every run: " + "; ".join(sorted(unchecked)) + "."
+    elif unchecked:
+        line += " Not checked: " + "; ".join(f"{k} in {', '.join(sorted(set(v)))}"
+                                            for k, v in sorted(unchecked.items())) + "."
+    return line
+
+
 def markdown(summary: dict) -> str:
     runs = summary["runs"]
     names = list(next(iter(runs.values()))["pooled"]["attacks"])
@@ -374,11 +397,8 @@ def markdown(summary: dict) -> str:
                              f"**{c['verdict']}** |")
         lines.append("")
     lines.append("Verdict rule: \"met\" only when AGKD-BML's pooled worst case is higher with p < 0.05 and its clean "
-                 "accuracy is within 1 point; otherwise \"not shown\".")
-    flags = sorted({f"{run} (seed {s}): {k}" for run, r in runs.items() for s, v in r["seeds"].items()
-                    for k, f in v["sanity_flags"].items() if f and k != "any_flag"})
-    lines += ["", f"Sanity flags (SPEC.md section 3, first {summary.get('sanity_points')} points): "
-              + ("; ".join(flags) if flags else "none raised") + "."]
+                 "accuracy is at most 1 point below the baseline's; otherwise \"not shown\".")
+    lines += ["", sanity_line(runs, summary.get("sanity_points"))]
     c = summary.get("cost") or {}
     if c:
         lines += ["", f"Training cost AGKD-BML / PGD-AT per epoch: **{c['agkd_bml_over_pgd_at_per_epoch']:.2f}x** "

@@ -33,6 +33,22 @@ def test_teacher_must_leave_the_student_epochs():
         load_config(BenchConfig, None, ["epochs=2", "teacher_epochs=2"])
 
 
+def test_sanity_line_lists_raised_flags_and_keeps_unchecked_ones_apart():
+    from training.bench.robust_classifiers import sanity_line
+
+    unchecked = "not checked (one eps: monotonicity needs two or more)"
+    runs = {"pgd-at": {"seeds": {"0": {"sanity_flags": {"eps_monotone": unchecked, "more_steps": True,
+                                                        "large_eps": False, "any_flag": True}}}},
+            "standard": {"seeds": {"0": {"sanity_flags": {"eps_monotone": unchecked, "more_steps": False,
+                                                          "large_eps": None, "any_flag": False}}}}}
+    line = sanity_line(runs, 200)
+    assert line.startswith("Sanity flags (SPEC.md section 3, first 200 points): pgd-at (seed 0): more_steps.")
+    assert "standard (seed 0)" not in line and "eps_monotone" not in line.split(".")[0]
+    assert line.endswith("Not checked, in every run: eps_monotone (one eps: monotonicity needs two or more).")
+    none = sanity_line({"standard": runs["standard"]}, 200)
+    assert "none raised" in none
+
+
 def test_op_count_bound():
     assert op_count_ratio(10) == (6 * 10 + 12) / (3 * 10 + 3)  # ~2.18: two PGD runs dominate
     assert 2.0 < op_count_ratio(5) < 2.5
