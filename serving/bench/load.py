@@ -5,7 +5,7 @@ and one worker each. A compiled load generator (``hey``, Debian package ``hey``)
 inference token, closed loop, at each concurrency, alternating plain and ours point by point so drift in the
 machine's load hits both alike. Per point: req/s, p50, p99, non-200 answers, and the CPU the model's worker, the
 frontend (Java) and the load generator used, in % of one core. Then multi-image KServe v2 requests (16 and 64 PNGs
-per request, binary tensor data as ``tritonclient`` sends it) in images/s, and the retrieval handler on PNGs.
+per request, binary tensor data as the standard client ``tritonclient`` sends it) in images/s, and the retrieval handler on PNGs.
 
 Results JSON: ``benchmarks/results/serving.json`` (suite ``serving``); :func:`markdown` renders its BENCHMARKS.md
 section.
@@ -226,21 +226,11 @@ def png_bytes(n: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def v2_binary_body(pngs: list[bytes]) -> tuple[bytes, int]:
-    """A v2 request of N PNGs as the standard client sends it: (body, Inference-Header-Content-Length)."""
-    import numpy as np
-    import tritonclient.http as httpclient
-
-    t = httpclient.InferInput("images", [len(pngs)], "BYTES")
-    t.set_data_from_numpy(np.array(pngs, dtype=np.object_), binary_data=True)
-    body, size = httpclient.InferenceServerClient.generate_request_body([t])
-    return body, size
-
-
 def run(s: Settings) -> dict[str, Any]:
     import torch
 
     from serving.archive import ArchiveConfig, archive
+    from serving.runtime.v2binary import binary_request
     from serving.serve import ServeConfig, start, stop
 
     hey_exe()
@@ -298,7 +288,7 @@ def measure(s: Settings, inst, work: Path, png: Path) -> dict[str, Any]:
     multi_of = handlers[1:]
     bodies = {}
     for n in s.multi_images:
-        body, size = v2_binary_body(png_bytes(n, seed=n))
+        body, size = binary_request(png_bytes(n, seed=n))
         bodies[n] = (work / f"v2-{n}.bin", size)
         bodies[n][0].write_bytes(body)
     multi_runs: dict[str, dict[int, list]] = {m: {n: [] for n in s.multi_images} for m in multi_of}

@@ -36,6 +36,7 @@ from pydantic import Field
 from serving.archive import ArchiveConfig
 from serving.runtime.artifacts import ARCHIVE_FILES, MANIFEST_NAME, ExportManifest
 from serving.runtime.spec import Frozen
+from serving.runtime.v2binary import binary_request
 
 log = logging.getLogger(__name__)
 
@@ -177,23 +178,12 @@ class Load:
             self.content_type, self.path, self.headers = "image/png", "/predictions/{name}", {}
             self.what = f"one {manifest.model.input_size[0]} x {manifest.model.input_size[1]} PNG"
         else:
-            body, length = v2_binary_request([png] * self.images)
+            body, length = binary_request([png] * self.images)
             self.body.write_bytes(body)
             self.content_type, self.path = "application/octet-stream", "/v2/models/{name}/infer"
             self.headers = {"Inference-Header-Content-Length": str(length)}
             self.what = (f"a KServe v2 request of {self.images} {manifest.model.input_size[0]} x "
                          f"{manifest.model.input_size[1]} PNGs in binary tensor data")
-
-
-def v2_binary_request(pngs: list[bytes]) -> tuple[bytes, int]:
-    """A v2 request of N PNGs in the binary tensor data extension, as the standard client builds it: (body, the
-    value of Inference-Header-Content-Length)."""
-    from serving.runtime.v2binary import serialize_bytes
-
-    blob = serialize_bytes(pngs)
-    header = json.dumps({"inputs": [{"name": "images", "shape": [len(pngs)], "datatype": "BYTES",
-                                     "parameters": {"binary_data_size": len(blob)}}]}).encode()
-    return header + blob, len(header)
 
 
 def ready_workers(inst, name: str, n: int, timeout: float) -> list[int]:

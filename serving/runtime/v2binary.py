@@ -12,6 +12,7 @@ raises :class:`~serving.runtime.errors.InvalidInput` saying which input and what
 """
 from __future__ import annotations
 
+import json
 import math
 import struct
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -150,6 +151,16 @@ def serialize_bytes(items: Sequence[Union[str, bytes]]) -> bytes:
         parts.append(struct.pack("<I", len(b)))
         parts.append(b)
     return b"".join(parts)
+
+
+def binary_request(images: Sequence[bytes], name: str = "images") -> tuple[bytes, int]:
+    """A v2 request of N encoded images (one BYTES input of shape [N]) in the binary tensor data extension, as the
+    standard client builds it: (body, the value of Inference-Header-Content-Length). For load generators and
+    tests; the server reads it with :func:`split_request` and :func:`binary_inputs`."""
+    blob = serialize_bytes(images)
+    header = json.dumps({"inputs": [{"name": name, "shape": [len(images)], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(blob)}}]}).encode()
+    return header + blob, len(header)
 
 
 def output_wants_binary(params: Optional[Mapping[str, Any]], default: bool, what: str) -> bool:

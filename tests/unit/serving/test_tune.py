@@ -118,16 +118,15 @@ def test_a_tune_whose_points_all_fail_leaves_the_archive_alone_and_records_why(m
 
 
 def test_multi_image_requests_are_what_the_standard_client_sends_and_the_server_reads():
-    """The v2 body tune drives multi-image points with: the same tensors as tritonclient's binary request, and the
-    server's own parser gets the PNGs back."""
+    """The v2 body tune and the serving bench drive multi-image requests with: the same tensors as tritonclient's
+    binary request, and the server's own parser gets the PNGs back."""
     import numpy as np
     import tritonclient.http as httpclient
 
-    from serving.bench.tune import v2_binary_request
     from serving.runtime import v2binary
 
     pngs = [b"\x89PNG first", b"\x89PNG second, longer"]
-    body, length = v2_binary_request(pngs)
+    body, length = v2binary.binary_request(pngs)
     t = httpclient.InferInput("images", [2], "BYTES")
     t.set_data_from_numpy(np.array(pngs, dtype=np.object_), binary_data=True)
     ref, ref_length = httpclient.InferenceServerClient.generate_request_body([t])
