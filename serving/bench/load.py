@@ -5,7 +5,8 @@ and one worker each. A compiled load generator (``hey``, Debian package ``hey``)
 inference token, closed loop, at each concurrency, alternating plain and ours point by point so drift in the
 machine's load hits both alike. Per point: req/s, p50, p99, non-200 answers, and the CPU the model's worker, the
 frontend (Java) and the load generator used, in % of one core. Then multi-image KServe v2 requests (16 and 64 PNGs
-per request, binary tensor data as the standard client ``tritonclient`` sends it) in images/s, and the retrieval handler on PNGs.
+per request, binary tensor data as the standard client ``tritonclient`` sends it) in images/s, and the retrieval
+handler on PNGs.
 
 Results JSON: ``benchmarks/results/serving.json`` (suite ``serving``); :func:`markdown` renders its BENCHMARKS.md
 section.

@@ -1,10 +1,11 @@
 """Gallery search: per-query latency of the serving index (:class:`~serving.runtime.index.RetrievalIndex`), exact
 (``flat``) against HNSW, as the gallery grows, and HNSW's recall@10 against exact search.
 
-Exact search is measured twice, side by side, on the same index and queries: the index's own paths (a single
-query through the certified int8 prefilter, :class:`~serving.runtime.index.Int8Prefilter`, falling back to the
-float32 scan; a batch as one matrix product, torch, one thread) and FAISS's float32 flat scan (``IndexFlatIP.search``,
-one pass over the gallery per query when fewer than 20 queries come together). Both must return the same neighbours.
+Exact search is measured side by side on the same index and queries: the index's own path (on galleries of 20,000
+and more, single queries and batches through the certified int8 prefilter,
+:class:`~serving.runtime.index.Int8Prefilter`, falling back to float32), the index's float32 path alone for batches
+(one matrix product, torch, one thread), and FAISS's float32 flat scan (``IndexFlatIP.search``, one pass over the
+gallery per query when fewer than 20 queries come together). All must return the same neighbours.
 Beside them, the memory-bandwidth roofline of one query: the bytes scanned over the read bandwidth of one core,
 measured in the same run (a dot product of a 256 MB vector with itself).
 

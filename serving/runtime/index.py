@@ -30,7 +30,7 @@ META_FILE = "gallery.json"
 IndexKind = Literal["flat", "hnsw"]
 # Gallery rows per matrix product: bounds the score matrix at [N, 65,536] floats, whatever the gallery size.
 BLOCK_ROWS = 1 << 16
-# Single-query int8 prefilter: candidates rescored in float32 (at least this many, and at least 4 k), and the
+# The int8 prefilter: candidates rescored in float32 (at least this many, and at least 4 k), and the
 # smallest gallery it is used on: below it the float32 gallery (20,000 x 512 = 41 MB) is served partly from the
 # caches, so there is less to save.
 PREFILTER_CANDIDATES = 128
@@ -58,7 +58,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 class Int8Prefilter:
-    """Exact single-query search over unit vectors through an int8 copy of the gallery, when it can be certified.
+    """Exact search over unit vectors through an int8 copy of the gallery, for the queries it can certify.
 
     Each gallery vector ``g`` is stored as ``round(c g)`` in int8 with one scale ``c = 127 / max |g|`` for the
     gallery, and ``r = max_i ||g_i - code_i / c||`` is the largest rounding residual. A query ``q`` is rounded the
@@ -70,10 +70,12 @@ class Int8Prefilter:
     score among them. A vector outside them scores at most ``a_(m) + e``: when that is below ``s_k``, the
     candidates' top k is the gallery's top k (certified). Otherwise :meth:`search` marks the query uncertified and
     the caller searches the float32 gallery for it. A batch of queries is one int8 product, which reads the codes
-    once for all of them; each query is certified on its own. ``e`` is about 0.02 at 512 dimensions: random unit vectors certify (their top
-    scores are spread wider), the embeddings of a trained model, whose near neighbours crowd together, mostly do
-    not. :meth:`worth_trying` keeps the prefilter off while most queries fail (a failed query costs its int8 scan
-    on top of the float32 one) and tries it again every ``RETRY_EVERY`` queries.
+    once for all of them; each query is certified on its own.
+
+    ``e`` is about 0.02 at 512 dimensions: random unit vectors certify (their top scores are spread wider);
+    embeddings whose near neighbours crowd together certify less often. :meth:`worth_trying` keeps the prefilter
+    off while most queries fail (a failed query costs its int8 scan on top of the float32 search) and tries it
+    again every ``RETRY_EVERY`` queries.
 
     Memory: half the float32 gallery's again (the int8 codes, plus the packed copy ONNX Runtime makes of them at
     load: without it the product runs about 3x slower).
@@ -87,7 +89,6 @@ class Int8Prefilter:
         n, d = vectors.shape
         if d * 127 * 127 >= 1 << 24:
             raise ValueError(f"{d}-d vectors: integer scores would not be exact in float32")
-        self.size = n
         self.scale = _int8_scale(vectors)
         codes = np.empty((d, n), np.int8)  # transposed: the right-hand side of the product
         residual = 0.0
@@ -202,7 +203,7 @@ class RetrievalIndex:
         self.model_sha256 = model_sha256  # the artifact that computed the gallery embeddings
         self.threads = threads  # intra-op threads of exact search: a worker's budget (workers scale out)
         self._gallery = None  # flat: a torch view [G, D] of the index's own storage, made at the first search
-        # flat: the int8 prefilter of single queries (None: FAISS's float32 scan), made at the first single query
+        # flat, large galleries: the int8 prefilter (see Int8Prefilter), made at the first search or at load
         self.use_prefilter = prefilter and kind == "flat" and len(ids) >= PREFILTER_MIN_ROWS
         self._prefilter: Optional[Int8Prefilter] = None
         if kind == "hnsw":
@@ -284,7 +285,7 @@ class RetrievalIndex:
         return self._gallery
 
     def prefilter(self) -> Int8Prefilter:
-        """flat: the int8 copy of the gallery for single queries (built at the first call: ~0.1 s per 60,000)."""
+        """flat: the int8 copy of the gallery (built at the first call: about 1 s per 60,000 vectors here)."""
         if self._prefilter is None:
             self._prefilter = Int8Prefilter(self.gallery().numpy(), self.threads)
         return self._prefilter

@@ -53,7 +53,8 @@ def test_error_bound_holds_for_every_gallery_vector():
             approx, pos = pf.top(q_ints, len(g))
             approx, pos = approx[0], pos[0]
             # the integer scores are exact
-            np.testing.assert_array_equal(approx, np.rint(g[pos] * pf.scale).astype(np.int64) @ q_ints[0].astype(np.int64))
+            integer_dots = np.rint(g[pos] * pf.scale).astype(np.int64) @ q_ints[0].astype(np.int64)
+            np.testing.assert_array_equal(approx, integer_dots)
             approx = approx / (q_scale * pf.scale)
             exact = g[pos].astype(np.float64) @ q[0].astype(np.float64)
             q_round = q_ints[0] / q_scale
@@ -73,7 +74,8 @@ def test_single_queries_are_exact_whether_certified_or_not(small_galleries_prefi
     clusters = centres[rng.integers(0, 5, 3000)] + 0.01 * rng.normal(size=(3000, 64))
     outcomes = {}
     for name, g, queries in (("random", random, rng.normal(size=(30, 64))),
-                             ("clusters", clusters, centres[rng.integers(0, 5, 30)] + 0.01 * rng.normal(size=(30, 64)))):
+                             ("clusters", clusters,
+                              centres[rng.integers(0, 5, 30)] + 0.01 * rng.normal(size=(30, 64)))):
         idx = _index(g.astype(np.float32))
         assert idx.use_prefilter
         for q in queries:

@@ -1,4 +1,5 @@
-"""robustserve tune's selection rule and its archive rewrite (the sweep itself: tests/integration/test_tune_sweep.py)."""
+"""robustserve tune's selection rule, its archive rewrite and its request bodies (the sweep itself:
+tests/integration/test_tune_sweep.py)."""
 from __future__ import annotations
 
 import json
