@@ -23,6 +23,19 @@ def test_mcnemar_exact_against_the_binomial_by_hand():
     assert mcnemar_exact(a, a) == {"a_only": 0, "b_only": 0, "p_two_sided": 1.0, "p_one_sided": 1.0}
 
 
+def test_mcnemar_exact_on_a_full_test_set_against_scipy():
+    """Thousands of discordant points (two models on the 10,000-point test set): exact, no float overflow."""
+    stats = pytest.importorskip("scipy.stats")
+    for a_only, b_only in ((1400, 1100), (1200, 1250), (3000, 2990)):
+        a = np.array([1] * a_only + [0] * b_only + [1] * 500, dtype=bool)
+        b = np.array([0] * a_only + [1] * b_only + [1] * 500, dtype=bool)
+        r = mcnemar_exact(a, b)
+        n = a_only + b_only
+        assert r["p_one_sided"] == pytest.approx(stats.binom.cdf(b_only, n, 0.5), rel=1e-9, abs=1e-300)
+        assert r["p_two_sided"] == pytest.approx(min(1.0, 2 * stats.binom.cdf(min(a_only, b_only), n, 0.5)),
+                                                 rel=1e-9, abs=1e-300)
+
+
 def test_bootstrap_separates_a_real_gap_from_noise():
     rng = np.random.default_rng(1)
     b = rng.random((3, 2000)) < 0.6
