@@ -89,12 +89,14 @@ def save_weights_only(ckpt: dict, path: str | Path) -> None:
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
-    """Rebuild the module from a checkpoint. Returns (model in eval mode, ModelSpec, checkpoint dict)."""
+    """Rebuild the module from a checkpoint. Returns (model on ``map_location``, in eval mode; ModelSpec;
+    checkpoint dict)."""
     from training.models import build_model
 
     ckpt = load_checkpoint(path, map_location)
     spec = ModelSpec.model_validate(ckpt["spec"])
     model, _ = build_model(spec.arch, **ckpt.get("arch_options", {}))
     model.load_state_dict(ckpt["model"])
+    model.to(map_location)
     model.eval()
     return model, spec, ckpt

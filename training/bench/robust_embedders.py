@@ -95,9 +95,13 @@ def evaluate_run(cfg: BenchConfig, run: Path) -> dict:
     from training.evaluation.embedder_report import PROFILES, evaluate_embedder
     from training.trainer import fixed_subset
 
-    model, spec, _ = load_model(run / "model.pt")
+    from training.device import resolve_device
+
+    device = resolve_device(cfg.device)
+    model, spec, _ = load_model(run / "model.pt", map_location=device)
     test = load_dataset(cfg.data.name, "test", cfg.data.root, **cfg.data.options)
     x, y = test.get(torch.arange(len(test)))
+    x, y = x.to(device), y.to(device)
     idx = fixed_subset(len(test), cfg.queries, cfg.seed)
     queries = torch.arange(len(test)) if idx is None else idx
     report = evaluate_embedder(model, x, y, queries, PROFILES[cfg.profile], seed=cfg.seed,
