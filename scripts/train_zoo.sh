@@ -8,7 +8,9 @@
 #   ZOO_MODELS="smallcnn-pgd-at smallcnn-trades" scripts/train_zoo.sh
 #   PGD_AT_EPOCHS=40 ZOO_EVAL_SUBSET=2000 scripts/train_zoo.sh
 # Extra arguments must be keys of both `train` and `zoo add` (device, num_threads); ZOO_TRAIN_ARGS holds train-only
-# ones (e.g. "--set speed.precision=fp32"), ZOO_DIR another zoo folder.
+# ones (e.g. "--set speed.precision=fp32"), ZOO_ADD_ARGS zoo-add-only ones (e.g. "--set batch_size=2000", a larger
+# evaluation batch for a classifier on a GPU: its attacks draw their randomness point by point, so the batch changes
+# nothing but floating-point rounding), ZOO_DIR another zoo folder.
 #
 # The models (one fair protocol for the classifiers, the classifier bench's: 30 epochs per method in all, AGKD-BML's
 # 10-epoch teacher included, all 60k training images, L-inf eps 0.1, the methods' own 10-step training attack of
@@ -45,6 +47,7 @@ MODELS=${ZOO_MODELS:-smallcnn-pgd-at smallcnn-trades smallcnn-agkd-bml c2f2-hm-i
 SUBSET=${ZOO_EVAL_SUBSET:-}
 ZOO_DIR=${ZOO_DIR:-zoo}
 read -r -a TRAIN_ARGS <<< "${ZOO_TRAIN_ARGS:-}"
+read -r -a ADD_ARGS <<< "${ZOO_ADD_ARGS:-}"
 NICE=${ZOO_NICE:-nice -n 10}
 PGD_AT_EPOCHS=${PGD_AT_EPOCHS:-30}
 TRADES_EPOCHS=${TRADES_EPOCHS:-30}
@@ -79,7 +82,7 @@ add() {  # name summary
   extra_cfg=$(mktemp)
   printf 'command: %s\nsummary: %s\ntrained_on: %s\n' "$(yaml_str "$LAST_COMMAND")" "$(yaml_str "$summary")" \
     "$(yaml_str "$HARDWARE")" > "$extra_cfg"
-  $NICE "${cmd[@]}" --config "$extra_cfg" "${EXTRA[@]}"
+  $NICE "${cmd[@]}" --config "$extra_cfg" "${ADD_ARGS[@]}" "${EXTRA[@]}"
   rm -f "$extra_cfg"
 }
 
