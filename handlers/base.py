@@ -50,7 +50,8 @@ class TorchServeAdapter:
         self.service = (self.service_class or load_service)(
             props["model_dir"], settings, name=context.model_name,
             version=(manifest.get("model") or {}).get("modelVersion"),
-            device="cpu" if gpu_id is None else "auto", gpu_id=gpu_id)
+            device="cpu" if gpu_id is None else "auto", gpu_id=gpu_id,
+            workers=int(yaml_cfg.get("maxWorkers") or 1))
         self.batch_metrics = BatchMetrics(settings.metrics_interval_s)
         self._enable_probes(context)
         self.initialized = True

@@ -231,7 +231,6 @@ def run(s: Settings) -> dict[str, Any]:
     import torch
 
     from serving.archive import ArchiveConfig, archive
-    from serving.runtime.v2binary import binary_request
     from serving.serve import ServeConfig, start, stop
 
     hey_exe()
@@ -261,14 +260,37 @@ def run(s: Settings) -> dict[str, Any]:
     result.update(suite="serving", command=s.command, config={
         "seconds_per_point": s.seconds, "repeats": s.repeats, "batch_size": s.batch_size,
         "max_batch_delay_ms": s.max_batch_delay_ms, "sized_workers": s.sized_workers,
-        "workers_per_model": 1, "onnxruntime_threads": 1, "classifier": s.export or "untrained SmallCNN",
+        "workers_per_model": 1, "onnxruntime_threads": threads_of(s), "classifier": s.export or "untrained SmallCNN",
         "embedder": s.embedder_export or "untrained C2F2, gallery: the 10,000 test images"},
         machine={"platform": platform.platform(), "cores": os.cpu_count(), "torch": torch.__version__,
                  "load_average_before": list(os.getloadavg())})
     return result
 
 
+def threads_of(s: Settings) -> dict[str, int]:
+    """ONNX Runtime intra-op threads per worker of each archive: the anchor's one (its definition), ours the
+    handler's default (threads 0: this machine's cores over the archive's workers)."""
+    from serving.runtime.session import auto_threads
+
+    out = {PLAIN: 1, OURS: auto_threads(1)}
+    if s.sized_workers:
+        out[OURS_SIZED] = auto_threads(s.sized_workers)
+    return out
+
+
+def _threads_text(cfg: dict) -> str:
+    t = cfg["onnxruntime_threads"]
+    if isinstance(t, int):  # results written before ours sized its threads
+        return f"ONNX Runtime on {t} thread"
+    text = f"ONNX Runtime threads per worker: plain {t[PLAIN]}, ours {t[OURS]}"
+    if OURS_SIZED in t:
+        text += f" ({t[OURS_SIZED]} in each of the {cfg['sized_workers']}-worker archive's workers)"
+    return text + " (our handler's default, threads 0, gives each worker its share of the cores)"
+
+
 def measure(s: Settings, inst, work: Path, png: Path) -> dict[str, Any]:
+    from serving.runtime.v2binary import binary_request
+
     base = inst.url("inference")
     auth = inst.headers("inference")
     frontend = inst.pid()
@@ -352,7 +374,7 @@ def markdown(result: dict) -> str:
         "One TorchServe, one worker per model"
         + (f" (and a third archive of ours with {cfg['sized_workers']} workers, one per core)"
            if cfg.get("sized_workers") else "")
-        + f", ONNX Runtime on {cfg['onnxruntime_threads']} thread, batch "
+        + f", {_threads_text(cfg)}, batch "
         f"{cfg['batch_size']} / {cfg['max_batch_delay_ms']} ms, {cfg['seconds_per_point']:g} s per point (short on "
         f"purpose: the machine is shared; {m['cores']} cores, load average {m['load_average_before'][0]:.1f} before "
         f"the run), plain and ours alternating point by point"

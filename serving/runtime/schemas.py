@@ -141,7 +141,10 @@ class ServiceSettings(Frozen):
 
     engine: Literal["onnx", "torchscript"] = "onnx"
     fallback_to_torchscript: bool = True  # when ONNX Runtime is unusable here, serve the TorchScript twin
-    threads: int = Field(1, ge=1)  # intra-op threads per worker; workers scale out instead
+    # Intra-op threads per worker (ONNX Runtime, TorchScript, exact gallery search). 0: the cores this process may
+    # use divided by the model's workers, so one worker owns the machine and N workers share it without
+    # oversubscription (serving.runtime.session.auto_threads).
+    threads: int = Field(0, ge=0)
     top_k: int = Field(5, ge=1)
     k: int = Field(10, ge=1)
     max_k: int = Field(100, ge=1)

@@ -44,7 +44,7 @@ from serving.runtime.schemas import (
     RetrieveRequest,
     ServiceSettings,
 )
-from serving.runtime.session import InferenceSession, open_session
+from serving.runtime.session import InferenceSession, auto_threads, open_session
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,10 @@ class ModelService:
 
     def __init__(self, root: str | Path, settings: ServiceSettings = ServiceSettings(), *, name: Optional[str] = None,
                  version: Optional[str] = None, device: str = "auto", gpu_id: Optional[int] = None,
-                 manifest: Optional[ExportManifest] = None):
+                 manifest: Optional[ExportManifest] = None, workers: int = 1):
         self.root = Path(root)
+        if not settings.threads:  # auto: this worker's share of the cores (one of `workers` processes)
+            settings = settings.model_copy(update={"threads": auto_threads(workers)})
         self.settings = settings
         # An unpacked archive is checked whole (gallery, labels, config, code) before any of it is used.
         if not verify_archive_files(self.root) and (self.root / "MAR-INF").is_dir():
@@ -285,6 +287,7 @@ class ModelService:
     def describe(self) -> dict[str, Any]:
         m = self.manifest
         return {"name": self.name, "task": self.task, "engine": self.engine, "device": self.session.device,
+                "threads": self.settings.threads,
                 "arch": m.model.arch, "method": m.model.method,
                 "threat_model": m.model.threat_model.model_dump() if m.model.threat_model else None,
                 "input": m.input.model_dump(), "probes": len(self.probes) if self.probes is not None else 0}

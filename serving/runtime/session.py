@@ -3,6 +3,7 @@ TorchScript twin. Both take float32 [N, C, H, W] numpy arrays in [0, 1] and retu
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Optional, Protocol
@@ -24,6 +25,15 @@ class InferenceSession(Protocol):
         ...
 
 
+def auto_threads(workers: int = 1) -> int:
+    """Intra-op threads for one of ``workers`` worker processes: the cores this process may run on, shared out."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(workers)))
+
+
 class OnnxSession:
     engine = "onnx"
 
@@ -34,6 +44,10 @@ class OnnxSession:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads > 1:
+            # Idle pool threads sleep instead of spinning: a spinning pool burns its cores between batches, which
+            # on a small machine are the cores TorchServe's frontend needs to read the next requests.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         providers: list = ["CPUExecutionProvider"]
         if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:

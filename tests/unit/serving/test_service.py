@@ -224,3 +224,24 @@ def test_protocols_decode_to_one_typed_input_and_answer(classifier, images):
     out = {o["name"]: o["data"] for o in v2_body["outputs"]}
     assert out["top_k_indices"] == [p["index"] for p in native["predictions"]]
     assert out["top_k_labels"] == [p["label"] for p in native["predictions"]]
+
+
+def test_threads_auto_share_the_cores_among_workers(classifier_export, monkeypatch):
+    """threads 0 (the default): one worker owns every core this process may use, N workers split them, never
+    below one; a stated count is kept."""
+    import serving.runtime.session as session_mod
+
+    monkeypatch.setattr(session_mod.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    assert ServiceSettings().threads == 0
+    assert [session_mod.auto_threads(w) for w in (1, 2, 3, 4, 8)] == [4, 2, 1, 1, 1]
+    assert ClassifierService(classifier_export, ServiceSettings(engine="onnx"), workers=2).settings.threads == 2
+    svc = ClassifierService(classifier_export, ServiceSettings(engine="onnx", threads=3), workers=2)
+    assert svc.settings.threads == 3 and svc.describe()["threads"] == 3
+
+
+def test_onnx_session_with_threads_answers_like_one_thread(classifier_export):
+    """Several intra-op threads (idle ones sleeping, not spinning) give the one-thread answer."""
+    m = load_manifest(classifier_export)
+    x = np.random.default_rng(1).random((33, 1, 28, 28), dtype=np.float32)
+    np.testing.assert_allclose(open_session(classifier_export, m, engine="onnx", threads=2).run(x),
+                               open_session(classifier_export, m, engine="onnx", threads=1).run(x), atol=1e-5)
