@@ -352,6 +352,12 @@ def sanity_line(runs: dict, points) -> str:
     return line
 
 
+def _points_text(summary: dict) -> str:
+    points = summary["points"] or "test points"
+    where = "" if str(points).startswith("full test set") else " of the test set"
+    return f"{points} ({summary['n']:,} points, the same for every run){where}"
+
+
 def markdown(summary: dict) -> str:
     runs = summary["runs"]
     names = list(next(iter(runs.values()))["pooled"]["attacks"])
@@ -363,7 +369,7 @@ def markdown(summary: dict) -> str:
         f"{b['attack_steps']} steps of {b['attack']['step']:g}. Budget: E = {b['epochs']} epochs per method in "
         f"all; AGKD-BML's teacher (`standard`) trains T = {b['teacher_epochs']} and its student E - T from the "
         "teacher's weights. Seeds: " + ", ".join(str(s) for s in summary["seeds"]) + ".",
-        f"Evaluation: {summary['points']} ({summary['n']:,} points, the same for every run) of the test set, L-inf "
+        f"Evaluation: {_points_text(summary)}, L-inf "
         f"eps {summary['eps']:g}, attacks as a cascade (each only on points still robust): each attack column is "
         "the accuracy after it, the last the worst case per point. Figures pool all seeds (mean; the worst case's "
         "95 % Wilson interval over seeds x points).",
