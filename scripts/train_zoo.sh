@@ -25,15 +25,17 @@
 #   c2f2-act            ACT                configs/embedders/act.yaml          ACT_EPOCHS      (default 16)
 #
 # What it costs (training; fp32 figures measured on this project's 2-core CPU, the fast mode (bf16 autocast +
-# channels_last, the default where the CPU has native bf16) about halves them; GPU figures are estimates):
-#   per epoch of 60k images     2-core CPU, fp32     2-core CPU, fast mode    one data-centre GPU
-#   PGD-AT / TRADES (PGD-10)    ~5 min / ~6 min      ~2.5 / ~3 min            well under 1 min
-#   AGKD-BML                    ~12 min              ~6 min                   ~1 min
-#   standard (teacher)          ~0.5 min             ~0.3 min                 seconds
-#   HM + ICS, ACT (PGD-32)      ~30 min              ~15 min                  ~1-2 min
+# channels_last, the default where the CPU has native bf16) about halves them; the H200 figures were measured with
+# about 15 other training and evaluation processes sharing the GPU under MPS, one CPU thread each):
+#   per epoch of 60k images     2-core CPU, fp32     2-core CPU, fast mode    one H200, shared
+#   PGD-AT / TRADES (PGD-10)    ~5 min / ~6 min      ~2.5 / ~3 min            ~26 s / ~28 s
+#   AGKD-BML                    ~12 min              ~6 min                   ~36 s
+#   standard (teacher)          ~0.5 min             ~0.3 min                 ~5 s
+#   HM + ICS, ACT (PGD-32)      ~30 min              ~15 min                  ~115 s, ~90 s
 # so the defaults take about 1.5 h (PGD-AT), 1.5 h (TRADES), 2 h (AGKD-BML with its teacher), 4 h each (HM + ICS,
 # ACT) on a CPU with native bf16 in the fast mode: about 13 hours in all, one model after another (about twice that
-# on a CPU without native bf16, where the fast mode is fp32 + channels_last); a GPU run takes well under an hour.
+# on a CPU without native bf16, where the fast mode is fp32 + channels_last); on the H200 about 15, 15, 13, 25 and
+# 30 minutes, about half an hour with the five started side by side (one ZOO_MODELS name per process).
 # Evaluation (zoo add) on the full test set adds per classifier ~30-60 min here (APGD-CE-100 and APGD-T-100x9 on
 # every still-robust point, a robustness curve over 5 eps and the gradient-masking checks) and per embedder the
 # ranking-attack suite on 10,000 queries (hours here; minutes on a GPU): set ZOO_EVAL_SUBSET (e.g. 2000) to
