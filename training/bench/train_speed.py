@@ -3,6 +3,10 @@ against the fast mode (the trainer's defaults on this device: channels_last, and
 does bf16), measured side by side in one run: the variants take turns, a few steps each, for several rounds, and the
 median step time of each is reported, so load from other jobs on a shared machine hits every variant alike.
 
+Where the time goes: one step of every variant under an op timer splits it into convolutions (forward and backward)
+and the rest, so the speed-up of each part shows what bounds the whole. The batch-size lever is measured beside it: the fast mode at twice the recipe's batch,
+in images per second.
+
 Also measures the APGD logit cache: APGD-CE with the success check answered from the loss pass's logits against a
 fresh forward pass per iterate (the behaviour before the cache recognised detached aliases).
 
@@ -60,6 +64,11 @@ class BenchConfig(Frozen):
     check_points: int = Field(1000, ge=100)
     apgd_steps: int = Field(100, ge=1)
     apgd_batch: int = Field(128, ge=1)
+    # The fast mode at twice the recipe's batch for these methods (images/s against the recipe's batch); () skips.
+    batch_lever: tuple[str, ...] = ("standard", "pgd-at")
+    # The fast mode with the model's forward under torch.compile (default inductor) for these methods; () skips.
+    compile_lever: tuple[str, ...] = ("pgd-at",)
+    breakdown_steps: int = Field(2, ge=0)  # steps of each variant under the op timer; 0 skips the breakdown
     device: str = "cpu"
     num_threads: int | None = Field(None, ge=1)  # None: the cores this process owns
     results: str = "benchmarks/results/train_speed.json"
@@ -81,6 +90,71 @@ def _config(cfg: BenchConfig, method: str, mode: str, out: Path, teacher: Path |
     return load_config(TrainConfig, path, sets)
 
 
+CONV_OPS = frozenset({"aten.convolution", "aten.convolution_backward", "aten._convolution", "aten.mkldnn_convolution",
+                      "aten.cudnn_convolution", "aten.conv2d"})
+
+
+class OpTimer:
+    """Wall time of every aten op run under it, split into convolutions and the rest. Ops are timed where they are
+    dispatched (below autograd and autocast), one at a time, so on a CPU the split adds up to the step's op time."""
+
+    def __init__(self, device: torch.device) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        from torch.utils.flop_counter import flop_registry
+
+        timer = self
+        self.seconds = {"conv": 0.0, "other": 0.0}
+        self.conv_flops = 0
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                sync()
+                t0 = time.perf_counter()
+                out = func(*args, **(kwargs or {}))
+                sync()
+                key = "conv" if str(func.overloadpacket) in CONV_OPS else "other"
+                timer.seconds[key] += time.perf_counter() - t0
+                if key == "conv" and func.overloadpacket in flop_registry:
+                    timer.conv_flops += flop_registry[func.overloadpacket](*args, **(kwargs or {}), out_val=out)
+                return out
+
+        self.mode = Mode()
+
+
+def op_breakdown(p, batches, steps: int) -> dict[str, float]:
+    """Seconds per step spent in convolutions and in every other op, and the convolutions' floating-point
+    operations per step (forward and backward, by torch's flop-counter formulas), over ``steps`` steps under
+    :class:`OpTimer`."""
+    from training.trainer import train_step
+
+    timer = OpTimer(p.device)
+    with timer.mode:
+        for _ in range(steps):
+            train_step(p, *next(batches))
+    return {**{k: v / steps for k, v in timer.seconds.items()}, "conv_flops": timer.conv_flops / steps}
+
+
+def gemm_rate(device: torch.device, rounds: int, n: int = 1024) -> dict[str, float]:
+    """GFLOP/s of an n x n matrix product in fp32 and in bf16 on the bench's threads (the variants taking turns,
+    median of ``rounds``): what the machine's dense arithmetic reaches, beside which the convolutions' rates read."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    mats = {name: (torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt))
+            for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    times: dict[str, list[float]] = {k: [] for k in mats}
+    for _ in range(max(3, rounds)):
+        for name, (a, b) in mats.items():
+            torch.mm(a, b)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                torch.mm(a, b)
+            sync()
+            times[name].append((time.perf_counter() - t0) / 5)
+    return {f"{k}_gflops": 2 * n ** 3 / statistics.median(v) / 1e9 for k, v in times.items()} | {"n": n}
+
+
 def _teacher(cfg: BenchConfig, work: Path) -> Path:
     """A `standard` model.pt for AGKD-BML to distil from: one step is enough, speed does not depend on its quality."""
     from training.trainer import train
@@ -100,6 +174,18 @@ def measure_training(cfg: BenchConfig, work: Path) -> dict[str, dict[str, Any]]:
             tc = _config(cfg, method, mode, work / f"{method}-{mode}", teacher if method == "agkd-bml" else None)
             p = prepare(tc)
             runs[(method, mode)] = (p, iter(_batches(p)), tc)
+    for method in cfg.batch_lever:
+        if method in cfg.methods and "fast" in cfg.modes:
+            tc = _config(cfg, method, "fast", work / f"{method}-fast-batch2x", None)
+            tc = tc.model_copy(update={"batch_size": 2 * tc.batch_size})
+            p = prepare(tc)
+            runs[(method, "fast-batch2x")] = (p, iter(_batches(p)), tc)
+    for method in cfg.compile_lever:
+        if method in cfg.methods and "fast" in cfg.modes:
+            tc = _config(cfg, method, "fast", work / f"{method}-fast-compiled", None)
+            p = prepare(tc)
+            p.model.forward = torch.compile(p.model.forward, dynamic=False)  # the attacks and the update call it
+            runs[(method, "fast-compiled")] = (p, iter(_batches(p)), tc)
     times: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
     for key, (p, batches, _) in runs.items():
         for _ in range(cfg.warmup_steps):
@@ -112,6 +198,7 @@ def measure_training(cfg: BenchConfig, work: Path) -> dict[str, dict[str, Any]]:
                 train_step(p, x, y)
                 times[key].append(time.perf_counter() - t0)
         log.info("round %d/%d done", r + 1, cfg.rounds)
+    batches_of = {k: b for k, (_, b, _) in runs.items()}
     out: dict[str, dict[str, Any]] = {}
     for method in cfg.methods:
         row: dict[str, Any] = {}
@@ -123,6 +210,15 @@ def measure_training(cfg: BenchConfig, work: Path) -> dict[str, dict[str, Any]]:
                          "batch_size": tc.batch_size, "images_per_second": tc.batch_size / med,
                          "autocast": str(p.amp_dtype) if p.amp_dtype else None, "channels_last": p.channels_last,
                          "arch": tc.model.arch, "attack_steps": tc.method.attack_steps}
+            if cfg.breakdown_steps:
+                row[mode]["op_seconds_per_step"] = op_breakdown(p, batches_of[(method, mode)], cfg.breakdown_steps)
+        for lever in ("fast-batch2x", "fast-compiled"):
+            if (method, lever) in runs:
+                _, _, tc = runs[(method, lever)]
+                med = statistics.median(times[(method, lever)])
+                row[lever] = {"batch_size": tc.batch_size, "seconds_per_step": med,
+                              "images_per_second": tc.batch_size / med,
+                              "vs_fast_images_per_second": tc.batch_size / med / row["fast"]["images_per_second"]}
         out[method] = row
     return out
 
@@ -214,6 +310,7 @@ def run(cfg: BenchConfig) -> int:
         "modes": {m: MODES[m].model_dump(mode="json") for m in cfg.modes},
         "rows": rows,
         "apgd_cache": measure_apgd_cache(cfg),
+        "gemm": gemm_rate(device, cfg.rounds) if cfg.breakdown_steps else None,
         "robustness_check": check,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
                     "threads": cfg.num_threads or owned_cores(), "device": str(device),
@@ -232,6 +329,45 @@ def run(cfg: BenchConfig) -> int:
 
     print(render_into(path.stem, Path(cfg.benchmarks_md), path.parent))
     return 0
+
+
+def _breakdown_lines(result: dict, modes: list[str]) -> list[str]:
+    """The op-timer table (convolutions against the rest, per mode) and the batch-size lever, where measured."""
+    rows = {k: r for k, r in result["rows"].items() if all("op_seconds_per_step" in r[m] for m in modes)}
+    lines: list[str] = []
+    if rows and len(modes) > 1:
+        ref, fast = modes[0], modes[-1]
+        g = result.get("gemm")
+        lines += ["", f"Where the time goes: {result['config']['breakdown_steps']} more steps of each variant under an "
+                      "op timer (every aten op timed where it is dispatched), split into convolutions (forward and "
+                      f"backward) and every other op. Speed-ups are {fast} against {ref}, per part. Conv GFLOP/s: the "
+                      "convolutions' floating-point operations per step (torch's flop counter) over their time."]
+        if g:
+            lines += ["", f"For scale, a {g['n']} x {g['n']} matrix product on the same threads: "
+                          f"{g['fp32_gflops']:.0f} GFLOP/s in fp32, {g['bf16_gflops']:.0f} GFLOP/s in bf16 "
+                          f"({g['bf16_gflops'] / g['fp32_gflops']:.2f}x)."]
+        lines += ["", f"| method | conv share of {ref} | {ref} conv GFLOP/s | {fast} conv GFLOP/s | conv speed-up | "
+                      f"{ref} other s/step | {fast} other s/step | other speed-up |", "|---|---|---|---|---|---|---|---|"]
+        for method, r in rows.items():
+            a, b = r[ref]["op_seconds_per_step"], r[fast]["op_seconds_per_step"]
+            share = a["conv"] / (a["conv"] + a["other"])
+            lines.append(f"| {method} | {100 * share:.0f} % | {a['conv_flops'] / a['conv'] / 1e9:.0f} | "
+                         f"{b['conv_flops'] / b['conv'] / 1e9:.0f} | {a['conv'] / b['conv']:.2f}x | "
+                         f"{a['other']:.3f} | {b['other']:.3f} | {a['other'] / b['other']:.2f}x |")
+    lever = {k: r["fast-batch2x"] for k, r in result["rows"].items() if "fast-batch2x" in r}
+    if lever:
+        lines += ["", "Batch size as a lever: the fast mode at twice the recipe's batch, timed in the same rounds, "
+                      "in images per second against the fast mode at the recipe's batch: " +
+                  "; ".join(f"{k} (batch {v['batch_size']}): {v['images_per_second']:,.0f} images/s, "
+                            f"**{v['vs_fast_images_per_second']:.2f}x**" for k, v in lever.items()) + "."]
+    compiled = {k: r["fast-compiled"] for k, r in result["rows"].items() if "fast-compiled" in r}
+    if compiled:
+        lines += ["", "torch.compile as a lever: the fast mode with the model's forward compiled (default inductor, "
+                      "static shapes; the warm-up steps absorb the compilation), timed in the same rounds, against the "
+                      "fast mode in eager: " +
+                  "; ".join(f"{k}: {v['seconds_per_step']:.3f} s/step, **{v['vs_fast_images_per_second']:.2f}x**"
+                            for k, v in compiled.items()) + "."]
+    return lines
 
 
 def markdown(result: dict) -> str:
@@ -254,6 +390,7 @@ def markdown(result: dict) -> str:
         cells += [f"{row[k]['seconds_per_step']:.3f}" for k in modes]
         cells += [f"**{row[k]['speedup']:.2f}x**" for k in modes[1:]]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _breakdown_lines(result, modes)
     a = result["apgd_cache"]
     lines += ["", f"APGD-CE-{a['steps']} on a batch of {a['batch']} (SmallCNN): success checks answered from the "
                   f"loss pass's logits take {a['seconds_cached']:.2f} s against {a['seconds_uncached']:.2f} s with a "

@@ -62,6 +62,7 @@ def test_train_speed_bench_runs_and_renders(tmp_path):
     cfg = load_config(BenchConfig, None, [
         "methods=[pgd-at]", "rounds=1", "steps_per_round=1", "warmup_steps=0", "train_subset=256",
         "attack_steps=1", "apgd_steps=2", "apgd_batch=8", "check_steps=2", "check_points=100", "num_threads=1",
+        "batch_lever=[pgd-at]", "compile_lever=[]", "breakdown_steps=1",
         f"results={tmp_path / 'train_speed.json'}", f"benchmarks_md={md}"])
     assert run(cfg) == 0
     result = json.loads((tmp_path / "train_speed.json").read_text())
@@ -69,6 +70,16 @@ def test_train_speed_bench_runs_and_renders(tmp_path):
     assert row["fp32-eager"]["speedup"] == 1.0 and row["fast"]["channels_last"] is True
     assert row["fp32-eager"]["channels_last"] is False and row["fp32-eager"]["autocast"] is None
     assert result["apgd_cache"]["forward_passes"] == {"cached": 3, "uncached": 6}
+    # the op timer saw the convolutions and the rest. SmallCNN's conv flops at batch 128, one attack step: the
+    # attack's forward and input gradient, then the update's forward, weight gradients and input gradients of every
+    # layer but the first (the image needs none there): 5 forward passes' worth less the first layer's
+    ops = row["fast"]["op_seconds_per_step"]
+    assert ops["conv"] > 0 and ops["other"] > 0
+    first = 2 * 128 * 26 * 26 * 32 * 9
+    fwd = first + 2 * 128 * (24 * 24 * 32 * 288 + 10 * 10 * 64 * 288 + 8 * 8 * 64 * 576)
+    assert ops["conv_flops"] == row["fp32-eager"]["op_seconds_per_step"]["conv_flops"] == 5 * fwd - first
+    assert row["fast-batch2x"]["batch_size"] == 256 and "fast-compiled" not in row
+    assert result["gemm"]["bf16_gflops"] > 0
     assert set(result["robustness_check"]) == {"fp32-eager", "fast"}
     assert "within_reference_ci" in result["robustness_check"]["fast"]
     assert report.stale_sections(md, tmp_path) == []
