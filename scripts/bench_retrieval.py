@@ -3,6 +3,7 @@
 stems=retrieval_search` regenerates its BENCHMARKS.md section.
 
     .venv/bin/python scripts/bench_retrieval.py [--embedder-export runs/demo/embedder/export] [--synthetic 60000 1000000]
+        [--ef-search 16 32 ... 65536] [--out benchmarks/results/retrieval_search_1m.json]
 """
 from __future__ import annotations
 
@@ -23,10 +24,13 @@ def main() -> int:
     ap.add_argument("--synthetic", type=int, nargs="*", default=list(d.synthetic))
     ap.add_argument("--hnsw-max", type=int, default=d.hnsw_max)
     ap.add_argument("--queries", type=int, default=d.queries)
+    ap.add_argument("--ef-search", type=int, nargs="+", default=list(d.ef_search),
+                    help="HNSW efSearch values, swept upwards until the recall target is reached")
     ap.add_argument("--out", default=str(ROOT / d.out))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = search.Settings(synthetic=tuple(args.synthetic), hnsw_max=args.hnsw_max, queries=args.queries,
+                        ef_search=tuple(sorted(args.ef_search)),
                         embedder_export=args.embedder_export, out=args.out,
                         command=("scripts/bench_retrieval.py " + " ".join(sys.argv[1:])).strip())
     result = search.run(s)
