@@ -61,6 +61,18 @@ def test_smallcnn_takes_other_channels_and_sizes():
     assert spec.mean == (0.2860,) * 3
 
 
+def test_smallcnn_width_multiplies_the_conv_channels():
+    # width 2: convs 640 + 36,928 + 73,856 + 147,584, fc1 2048*200+200, fc2 and fc3 as before.
+    assert _count("smallcnn", width=2) == 640 + 36_928 + 73_856 + 147_584 + 2048 * 200 + 200 + 40_200 + 2_010
+    model, _ = build_model("smallcnn", width=2)
+    model.eval()
+    fmap, rep, logits = model.features(torch.rand(2, 1, 28, 28))
+    assert fmap.shape == (2, 128, 8, 8) and rep.shape == (2, 200) and logits.shape == (2, 10)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="width"):
+            build_model("smallcnn", width=bad)
+
+
 def test_c2f2_fmap_and_embedding():
     model, _ = build_model("c2f2")
     model.eval()

@@ -37,8 +37,8 @@ def test_unknown_name_names_the_registered_models():
 
 
 def test_unknown_option_names_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"no option\(s\) \['width'\].*'dropout'.*'num_classes'"):
-        build_model("smallcnn", width=3)
+    with pytest.raises(ValueError, match=r"no option\(s\) \['depth'\].*'dropout'.*'num_classes'"):
+        build_model("smallcnn", depth=3)
     # A classifier's head option is not an embedder's.
     with pytest.raises(ValueError, match="embedding_dim"):
         build_model("smallcnn", embedding_dim=8)
