@@ -296,6 +296,15 @@ def robustness_check(cfg: BenchConfig, work: Path) -> dict[str, Any]:
     return out
 
 
+def cpu_bf16_units() -> str:
+    """The CPU's bf16 units as torch sees them: AMX tiles (a matrix unit) and/or AVX-512 BF16 (vector dot products);
+    the fast mode's speed-up depends on which one oneDNN can use."""
+    cpu = torch.cpu
+    units = [name for name, probe in (("AMX", "_is_amx_tile_supported"), ("AVX-512 BF16", "_is_avx512_bf16_supported"))
+             if getattr(cpu, probe, lambda: False)()]
+    return " + ".join(units)
+
+
 def run(cfg: BenchConfig) -> int:
     from training.bench.robust_classifiers import op_count_ratio
     from training.device import bf16_native, owned_cores, resolve_device
@@ -314,7 +323,7 @@ def run(cfg: BenchConfig) -> int:
         "robustness_check": check,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
                     "threads": cfg.num_threads or owned_cores(), "device": str(device),
-                    "bf16_native": bf16_native(device)},
+                    "bf16_native": bf16_native(device), "cpu_bf16_units": cpu_bf16_units()},
         "config": cfg.model_dump(mode="json"),
     }
     if {"agkd-bml", "pgd-at"} <= set(rows):
@@ -375,7 +384,8 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
         f"Machine: {m['platform']}, {m['threads']} threads, device {m['device']}, native bf16: "
-        f"{'yes' if m['bf16_native'] else 'no (the fast mode then runs fp32 with channels_last)'}; torch {m['torch']}.",
+        f"{'yes' if m['bf16_native'] else 'no (the fast mode then runs fp32 with channels_last)'}"
+        + (f" ({m['cpu_bf16_units']})" if m.get("cpu_bf16_units") else "") + f"; torch {m['torch']}.",
         f"Each variant ran {result['config']['rounds']} rounds of {result['config']['steps_per_round']} steps, the "
         "variants taking turns; figures are median seconds per optimiser step (attacks included) on the "
         f"repository's recipes (configs/), {result['config']['train_subset']:,}-image subset.",
