@@ -38,7 +38,8 @@
 # 30 minutes, about half an hour with the five started side by side (one ZOO_MODELS name per process).
 # On a 2-core CPU with AMX (bf16 convolutions on the matrix unit) a PGD-AT epoch took 53-57 s; the others, scaled
 # from the training-speed bench's fast steps on that CPU (benchmarks/results/train_speed_amx.json): TRADES ~1.1 min,
-# AGKD-BML ~2.4 min, the teacher ~8 s, HM + ICS ~2.5 min, ACT ~3.8 min per epoch: about 3.5 hours of training for the defaults.
+# AGKD-BML ~2.4 min, the teacher ~8 s, HM + ICS ~2.5 min, ACT ~3.8 min per epoch: about 3.5 hours of training
+# for the defaults.
 # Evaluation (zoo add) on the full test set adds per classifier ~30-60 min here (APGD-CE-100 and APGD-T-100x9 on
 # every still-robust point, a robustness curve over 5 eps and the gradient-masking checks) and per embedder the
 # ranking-attack suite on 10,000 queries (hours here; minutes on a GPU): set ZOO_EVAL_SUBSET (e.g. 2000) to
