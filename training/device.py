@@ -23,10 +23,16 @@ def bf16_native(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
-        cpu = torch.cpu
-        return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-                    or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+        return bool(cpu_bf16_units())
     return False
+
+
+def cpu_bf16_units() -> str:
+    """The CPU's bf16 units as torch sees them, e.g. "AMX + AVX-512 BF16" ("" for none): AMX tiles (a matrix unit)
+    and AVX-512 BF16 (vector dot products); the fast mode's speed-up depends on which one oneDNN can use."""
+    units = [name for name, probe in (("AMX", "_is_amx_tile_supported"), ("AVX-512 BF16", "_is_avx512_bf16_supported"))
+             if getattr(torch.cpu, probe, lambda: False)()]
+    return " + ".join(units)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:

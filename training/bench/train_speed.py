@@ -296,18 +296,9 @@ def robustness_check(cfg: BenchConfig, work: Path) -> dict[str, Any]:
     return out
 
 
-def cpu_bf16_units() -> str:
-    """The CPU's bf16 units as torch sees them: AMX tiles (a matrix unit) and/or AVX-512 BF16 (vector dot products);
-    the fast mode's speed-up depends on which one oneDNN can use."""
-    cpu = torch.cpu
-    units = [name for name, probe in (("AMX", "_is_amx_tile_supported"), ("AVX-512 BF16", "_is_avx512_bf16_supported"))
-             if getattr(cpu, probe, lambda: False)()]
-    return " + ".join(units)
-
-
 def run(cfg: BenchConfig) -> int:
     from training.bench.robust_classifiers import op_count_ratio
-    from training.device import bf16_native, owned_cores, resolve_device
+    from training.device import bf16_native, cpu_bf16_units, owned_cores, resolve_device
 
     device = resolve_device(cfg.device)
     with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
