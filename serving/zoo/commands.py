@@ -47,6 +47,7 @@ REPO_ZOO = REPO / "zoo"  # the repository's own zoo (commands default to ./zoo, 
 WEIGHTS = "model.pt"
 SPEC = "model.json"
 EVALUATION = "evaluation.json"
+FULL_EVALUATION = "evaluation-full.json"
 CURVE_PNG = "robustness_curve.png"
 ERS_PNG = "ers_terms.png"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -86,6 +87,9 @@ class ZooServeConfig(ZooConfig):
 class ZooVerifyConfig(ZooConfig):
     name: str = ""
     full: bool = False  # the card's headline protocol on the whole test set, instead of its verification protocol
+    # With full: write the whole-test-set figures into the entry (card.json "full_test", card.md,
+    # evaluation-full.json); the weights and the headline record stay as they are.
+    record: bool = False
     out_dir: Optional[str] = None  # the rerun's evaluation.json; None: runs/zoo/<name>/verify
     batch_size: int = Field(256, ge=1)
     device: str = "auto"
@@ -159,14 +163,21 @@ def load(zoo_dir: str | Path, name: str, map_location: str = "cpu"):
     return model, spec, card
 
 
+def headline_record(card: dict) -> dict:
+    """The record a card is summed up by: the headline protocol on the whole test set where ``zoo verify --full``
+    recorded it, else the headline evaluation."""
+    return card.get("full_test") or card["evaluation"]
+
+
 def headline(card: dict) -> str:
-    f = card["evaluation"]["figures"]
+    rec = headline_record(card)
+    f = rec["figures"]
     if card["task"] == "classification":
         return (f"clean {100 * f['clean']['value']:.1f} %, worst case {100 * f[WORST]['value']:.1f} % at eps "
-                f"{card['evaluation']['eps']:g} ({card['evaluation']['n']} points)")
+                f"{rec['eps']:g} ({rec['n']} points)")
     ers = f.get("ERS", {}).get("value")
     return (f"R@1 {f['R@1']['value']:.1f}, mAP@R {f['mAP@R']['value']:.1f}, ERS "
-            f"{'n/a' if ers is None else f'{ers:.1f}'} ({card['evaluation']['n']} queries)")
+            f"{'n/a' if ers is None else f'{ers:.1f}'} ({rec['n']} queries)")
 
 
 def list_models(cfg: ZooListConfig) -> list[dict[str, Any]]:
@@ -226,7 +237,7 @@ def best(zoo_dir: str | Path, task: str) -> Optional[str]:
     """The zoo's best model of a task: the highest worst-case accuracy (classifiers) or ERS (embedders), ties
     to the higher clean accuracy / R@1; None when the zoo has none."""
     def key(card: dict) -> tuple[float, float]:
-        f = card["evaluation"]["figures"]
+        f = headline_record(card)["figures"]
         if task == "classification":
             return f[WORST]["value"], f["clean"]["value"]
         return (f.get("ERS") or {}).get("value", -1.0), f["R@1"]["value"]
@@ -276,6 +287,8 @@ def verify(cfg: ZooVerifyConfig) -> tuple[bool, list[str]]:
     compares each figure with the card's 95 % interval. Returns (passed, lines to print)."""
     from training.evaluation.run import evaluate
 
+    if cfg.record and not cfg.full:
+        raise ValueError("record: only the headline protocol on the whole test set is recorded; add --full")
     path = entry_dir(cfg.zoo_dir, cfg.name)
     card = read_card(path)
     weights = check_weights(path, card)
@@ -285,7 +298,8 @@ def verify(cfg: ZooVerifyConfig) -> tuple[bool, list[str]]:
     subset = None if cfg.full else record["subset"]
     ecfg = _eval_config(card["training"]["config"], record, weights, out, subset, sanity=False,
                         batch_size=cfg.batch_size, device=cfg.device, num_threads=cfg.num_threads)
-    measured = _record(evaluate(ecfg), spec["spec"].get("num_classes"))
+    report = evaluate(ecfg)
+    measured = _record(report, spec["spec"].get("num_classes"))
     bad = outside_ci(record, measured)
     lines = [f"{cfg.name}: {'headline protocol on the whole test set' if cfg.full else 'verification protocol'}, "
              f"{measured['n']} {'queries' if record['task'] == 'embedding' else 'points'}"]
@@ -301,7 +315,32 @@ def verify(cfg: ZooVerifyConfig) -> tuple[bool, list[str]]:
     if unchecked(record):
         lines.append(f"  not judged (the card gives no interval): {', '.join(unchecked(record))}")
     lines.append(f"  report: {out / 'evaluation.json'}")
+    if cfg.record:
+        record_full_test(path, card, measured, report, bad)
+        lines.append(f"  recorded in {path / CARD_JSON} (full_test), {path / CARD_MD} and {path / FULL_EVALUATION}")
     return not bad, lines
+
+
+def record_full_test(path: Path, card: dict, measured: dict, report: dict, outside: list[str]) -> None:
+    """Writes a whole-test-set rerun of the headline protocol into entry ``path``: card.json's ``full_test``
+    (the record, whether it lies inside the headline's intervals, when and how it was measured), card.md and
+    evaluation-full.json. The entry is rewritten in a copy that replaces it only once complete."""
+    from serving.export import _replace_dir
+
+    card = {**card, "full_test_file": FULL_EVALUATION,
+            "full_test": {**measured, "within_headline_ci": not outside, "outside": list(outside),
+                          "recorded": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                          "command": f"robustserve zoo verify {card['name']} --full --set record=true"}}
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        staged = scratch / path.name
+        shutil.copytree(path, staged)
+        _relocate(report, staged / FULL_EVALUATION)
+        (staged / CARD_JSON).write_text(json.dumps(card, indent=1) + "\n")
+        (staged / CARD_MD).write_text(render_markdown(card))
+        _replace_dir(staged, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 # --- add ---------------------------------------------------------------------------------------------------------

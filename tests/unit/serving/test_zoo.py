@@ -20,6 +20,7 @@ from serving.zoo.commands import (
     ZooVerifyConfig,
     add,
     export,
+    headline,
     load,
     names,
     read_card,
@@ -147,6 +148,31 @@ def test_verify_fails_when_the_weights_are_not_the_carded_ones(added, tmp_path):
     ok, lines = verify(ZooVerifyConfig(zoo_dir=str(fake), name="untrained", out_dir=str(tmp_path / "c"),
                                        num_threads=1))
     assert not ok and any("OUTSIDE" in line for line in lines), "\n".join(lines)
+
+
+def test_verify_full_records_the_whole_test_set_in_the_card(added, tmp_path):
+    """``verify --full --set record=true`` on an untrained SmallCNN (cheap: most of its attacks end after the few
+    points it gets right): the whole test set's figures land in card.json and card.md, the weights stay the carded
+    ones and the headline record stays the 12-point one."""
+    zoo, dest = added
+    copy = tmp_path / "zoo"
+    shutil.copytree(dest, copy / "untrained")
+    before = read_card(copy / "untrained")
+    with pytest.raises(ValueError, match="add --full"):
+        verify(ZooVerifyConfig(zoo_dir=str(copy), name="untrained", record=True, num_threads=1))
+    ok, lines = verify(ZooVerifyConfig(zoo_dir=str(copy), name="untrained", full=True, record=True,
+                                       out_dir=str(tmp_path / "v"), num_threads=1))
+    card = read_card(copy / "untrained")
+    full = card["full_test"]
+    assert full["n"] == 10000 and full["points"] == "full test set"
+    assert full["within_headline_ci"] == ok and (not full["outside"]) == ok
+    assert card["evaluation"] == before["evaluation"] and card["weights"] == before["weights"]
+    md = (copy / "untrained" / CARD_MD).read_text()
+    assert md == render_markdown(card) and "## On the whole test set" in md
+    assert json.loads((copy / "untrained" / card["full_test_file"]).read_text())["checkpoint"] == "model.pt"
+    assert headline(card).endswith("(10000 points)")
+    assert verify(ZooVerifyConfig(zoo_dir=str(copy), name="untrained", out_dir=str(tmp_path / "w"),
+                                  num_threads=1))[0], "the entry still verifies after the rewrite"
 
 
 def test_every_zoo_example_is_a_valid_invocation(tmp_path, monkeypatch, capsys):
