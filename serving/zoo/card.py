@@ -5,8 +5,8 @@ A card's measured figures come in *records* (:func:`classifier_record`, :func:`e
 attack budgets and each figure with its 95 % interval. A card holds two: ``evaluation`` (the headline, the
 benchmark suite at its budgets) and ``verification`` (a short, stated protocol that ``zoo verify`` reruns by
 default), and a third, ``full_test``, once ``zoo verify --full --set record=true`` has rerun the headline protocol
-on the whole test set. Accuracies are fractions in [0, 1] with Wilson intervals; retrieval figures are in % as the retrieval
-evaluation reports them, with a Wilson interval where the figure is a proportion of queries (R@k, and the raw
+on the whole test set. Accuracies are fractions in [0, 1] with Wilson intervals; retrieval figures are in % as the
+retrieval evaluation reports them, with a Wilson interval where the figure is a proportion of queries (R@k, and the raw
 figures of ES:R, LTM, GTM and GTT), +- 1.96 standard errors over the queries for the ERS terms and the ERS, and
 none for mAP, mAP@R and NMI (whole-ranking figures without a per-query spread here).
 """
