@@ -33,6 +33,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "tune": ("serving.bench.tune", "Serving: batch size, delay and workers chosen by `robustserve tune`"),
     "retrieval-search": ("serving.bench.search", "Retrieval: exact and HNSW gallery search as the gallery grows"),
     "decode-budget": ("scripts.bench_decode", "Decode cost of one maximal request"),
+    "ers-definitions": ("scripts.bench_ers_definitions", "Ranking attacks: LTM and GTM, ours and robrank's code"),
 }
 
 _BEGIN = "<!-- generated: {path} -->"
