@@ -16,12 +16,16 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Callable
 
 from serving.runtime.spec import Frozen
 
 RESULTS_DIR = Path("benchmarks/results")
+# The repository root: the benchmark scripts under scripts/ render their own results, and an installed
+# `robustserve` does not have the root on sys.path.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS_MD = Path("BENCHMARKS.md")
 
 # suite -> (module with markdown(result), section title)
@@ -48,6 +52,8 @@ def renderer(suite: str) -> tuple[Callable[[dict], str], str]:
     if suite not in SUITES:
         raise ValueError(f"no renderer for suite {suite!r}; known: {', '.join(sorted(SUITES))}")
     module, title = SUITES[suite]
+    if module.startswith("scripts.") and str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))
     return importlib.import_module(module).markdown, title
 
 
