@@ -24,6 +24,7 @@ GTM exactly (same queries, same seeds); the result records whether it did.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -62,14 +63,11 @@ def _robrank_gtm_target(tgt):
 
 
 def _robrank_ltm(e, t):
-    """LTM's objective as robrank's code runs it: the query's own clean copy stays in the same-class minimum."""
-    from serving.runtime.attacks.ranking import _dist
+    """LTM's objective as robrank's code runs it: ours with no row's own item left out, so the query's clean copy
+    stays in the same-class minimum."""
+    from serving.runtime.attacks.ranking import RANK_OBJECTIVES
 
-    d = _dist(e, t.gallery)
-    same = t.labels.unsqueeze(0) == t.label.unsqueeze(1)
-    far_other = d.masked_fill(same, float("-inf")).amax(dim=1)
-    near_own = d.masked_fill(~same, float("inf")).amin(dim=1)
-    return -(far_other - near_own).clamp_min(0.0)
+    return RANK_OBJECTIVES["LTM"](e, dataclasses.replace(t, self_idx=torch.full_like(t.self_idx, -1)))
 
 
 def _attack(model, name: str, reading: str, xq, yq, self_idx, gallery, labels, profile, seed: int,
