@@ -77,8 +77,8 @@ train() {  # name config epochs [extra --set ...]
   LAST_COMMAND="robustserve ${cmd[*]:1}"
 }
 
-add() {  # name summary
-  local name=$1 summary=$2
+add() {  # name summary [budget note]
+  local name=$1 summary=$2 note=${3:-}
   local cmd=("$RS" zoo add "$RUNS/$name" --name "$name" --set overwrite=true --set "zoo_dir=$ZOO_DIR")
   [ -n "$SUBSET" ] && cmd+=(--set "subset=$SUBSET")
   echo "== zoo add $name"
@@ -87,8 +87,13 @@ add() {  # name summary
   extra_cfg=$(mktemp)
   printf 'command: %s\nsummary: %s\ntrained_on: %s\n' "$(yaml_str "$LAST_COMMAND")" "$(yaml_str "$summary")" \
     "$(yaml_str "$HARDWARE")" > "$extra_cfg"
+  [ -n "$note" ] && printf 'budget_note: %s\n' "$(yaml_str "$note")" >> "$extra_cfg"
   $NICE "${cmd[@]}" --config "$extra_cfg" "${ADD_ARGS[@]}" "${EXTRA[@]}"
   rm -f "$extra_cfg"
+}
+
+run_seconds() {  # a run's training time: the sum of its metrics.jsonl epochs' seconds
+  python3 -c 'import json, sys; print(round(sum(json.loads(l).get("seconds", 0) for l in open(sys.argv[1]))))' "$1/metrics.jsonl"
 }
 
 yaml_str() { python3 -c 'import json, sys; print(json.dumps(sys.argv[1]))' "$1"; }
@@ -104,9 +109,11 @@ for name in $MODELS; do
       add "$name" "SmallCNN trained with TRADES (beta 6) at L-inf eps 0.1 on all 60k Fashion-MNIST images." ;;
     smallcnn-agkd-bml)
       train smallcnn-standard configs/classifiers/standard.yaml "$TEACHER_EPOCHS"
+      LAST_TEACHER_COMMAND=$LAST_COMMAND
       train "$name" configs/classifiers/agkd-bml.yaml "$AGKD_EPOCHS" \
         --set "method.options.teacher=$RUNS/smallcnn-standard/model.pt"
-      add "$name" "SmallCNN trained with AGKD-BML (teacher: a standard SmallCNN) at L-inf eps 0.1 on all 60k Fashion-MNIST images." ;;
+      add "$name" "SmallCNN trained with AGKD-BML (teacher: a standard SmallCNN) at L-inf eps 0.1 on all 60k Fashion-MNIST images." \
+        "The teacher is part of the budget: a standard SmallCNN trained $TEACHER_EPOCHS epochs first ($(run_seconds "$RUNS/smallcnn-standard") s, \`$LAST_TEACHER_COMMAND\`), then this student $AGKD_EPOCHS epochs: $((TEACHER_EPOCHS + AGKD_EPOCHS)) epochs in all" ;;
     c2f2-hm-ics)
       train "$name" configs/embedders/hm-ics.yaml "$HM_ICS_EPOCHS"
       add "$name" "C2F2 embedder trained with Hardness Manipulation + ICS on robrank's rob28 threat model (L-inf eps 77/255) on Fashion-MNIST." ;;
