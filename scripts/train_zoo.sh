@@ -37,8 +37,8 @@
 # on a CPU without native bf16, where the fast mode is fp32 + channels_last); on the H200 about 15, 15, 13, 25 and
 # 30 minutes, about half an hour with the five started side by side (one ZOO_MODELS name per process).
 # On a 2-core CPU with AMX (bf16 convolutions on the matrix unit) in the fast mode, measured: PGD-AT 30 epochs in
-# 33 min, TRADES 30 in 35 min, the teacher 10 in 81 s and AGKD-BML 20 in 51 min, HM + ICS 16 in 99 min; ACT 16
-# about 80 min (scaled from HM + ICS by the two methods' epoch times on the H200): about 5 hours for the defaults.
+# 33 min, TRADES 30 in 35 min, the teacher 10 in 81 s and AGKD-BML 20 in 51 min, HM + ICS 16 in 99 min, ACT 16
+# in 132 min: about 6 hours for the defaults.
 # Evaluation (zoo add) on the full test set adds per classifier ~30-60 min here (APGD-CE-100 and APGD-T-100x9 on
 # every still-robust point, a robustness curve over 5 eps and the gradient-masking checks) and per embedder the
 # ranking-attack suite on 10,000 queries (hours here; minutes on a GPU): set ZOO_EVAL_SUBSET (e.g. 2000) to
