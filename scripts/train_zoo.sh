@@ -41,7 +41,7 @@
 # in 132 min: about 6 hours for the defaults.
 # Evaluation (zoo add) on the full test set adds per classifier ~30-60 min here (APGD-CE-100 and APGD-T-100x9 on
 # every still-robust point, a robustness curve over 5 eps and the gradient-masking checks) and per embedder the
-# ranking-attack suite on 10,000 queries (hours here; minutes on a GPU): set ZOO_EVAL_SUBSET (e.g. 2000) to
+# ranking-attack suite on 10,000 queries (about half an hour here for ACT, 198 s per 1,000; minutes on a GPU): set ZOO_EVAL_SUBSET (e.g. 2000) to
 # evaluate the first N points of the seeded permutation instead. Each card states the points it was measured on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
