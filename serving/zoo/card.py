@@ -52,11 +52,12 @@ def _percent(value: float, n: int) -> dict[str, Any]:
 
 
 def _normal_ci(value: float, se: Optional[float]) -> Optional[list[float]]:
-    """value +- 1.96 standard errors over the queries; None without a standard error or when it is 0 (every query
-    alike: no interval to judge a rerun by)."""
+    """value +- 1.96 standard errors over the queries, clipped to the figures' range [0, 100] (a term near 0, such as
+    GTT, would otherwise get a negative bound); None without a standard error or when it is 0 (every query alike: no
+    interval to judge a rerun by)."""
     if not se:
         return None
-    return [value - 1.96 * se, value + 1.96 * se]
+    return [max(0.0, value - 1.96 * se), min(100.0, value + 1.96 * se)]
 
 
 def classifier_record(report: dict, num_classes: Optional[int]) -> dict[str, Any]:

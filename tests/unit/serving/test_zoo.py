@@ -213,3 +213,5 @@ def test_embedder_records_give_intervals_where_the_figures_allow_them():
     assert f["ES:R (% of queries)"]["k"] == 50 and f["ERS"]["ci95"] == [50.0 - 1.96, 50.0 + 1.96]
     moved = embedder_record({**report, "benign": {"R@1": 70.0, "mAP@R": 10.0}})
     assert [b.split(":")[0] for b in outside_ci(rec, moved)] == ["R@1"]  # mAP@R has no interval to leave
+    rare = embedder_record({**report, "terms": {**terms, "GTT": 0.03}, "terms_se": {"GTT": 0.017}})
+    assert rare["figures"]["ERS term GTT"]["ci95"] == [0.0, 0.03 + 1.96 * 0.017]  # a percentage never goes below 0
