@@ -17,6 +17,7 @@ Files: ``gallery.index`` (FAISS) and ``gallery.json`` (ids, labels, class names,
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Literal, Optional, Sequence
@@ -28,6 +29,7 @@ from serving.runtime.errors import ArtifactError
 INDEX_FILE = "gallery.index"
 META_FILE = "gallery.json"
 IndexKind = Literal["flat", "hnsw"]
+log = logging.getLogger(__name__)
 # Gallery rows per matrix product: bounds the score matrix at [N, 65,536] floats, whatever the gallery size.
 BLOCK_ROWS = 1 << 16
 # The int8 prefilter: candidates rescored in float32 (at least this many, and at least 4 k), and the
@@ -57,6 +59,10 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+class InexactProduct(RuntimeError):
+    """ONNX Runtime's integer matrix product is not exact on this CPU."""
+
+
 class Int8Prefilter:
     """Exact search over unit vectors through an int8 copy of the gallery, for the queries it can certify.
 
@@ -64,7 +70,10 @@ class Int8Prefilter:
     gallery, and ``r = max_i ||g_i - code_i / c||`` is the largest rounding residual. A query ``q`` is rounded the
     same way with its own scale (``q~``). ONNX Runtime's integer matrix product (``MatMulInteger``, int32
     accumulation) gives the integer dot products exactly, so the approximate scores are ``a_i = q~ . g~_i`` and
-    ``|q . g_i - a_i| <= e = ||q - q~|| max ||g_i|| + ||q~|| r``.
+    ``|q . g_i - a_i| <= e = ||q - q~|| max ||g_i|| + ||q~|| r``. Both sides go to it as uint8 with zero point 128:
+    its uint8 x int8 kernel on x86 CPUs without VNNI adds pairs of products in saturating 16-bit arithmetic and
+    gets large scores wrong, the uint8 x uint8 one widens to 16 bits first. The product is checked against numpy
+    at build time (:meth:`_check_exact`); where it is not exact the prefilter is not used.
 
     The ``m`` best approximate scores become candidates, rescored in float32; let ``s_k`` be the k-th best exact
     score among them. A vector outside them scores at most ``a_(m) + e``: when that is below ``s_k``, the
@@ -90,17 +99,18 @@ class Int8Prefilter:
         if d * 127 * 127 >= 1 << 24:
             raise ValueError(f"{d}-d vectors: integer scores would not be exact in float32")
         self.scale = _int8_scale(vectors)
-        codes = np.empty((d, n), np.int8)  # transposed: the right-hand side of the product
+        codes = np.empty((d, n), np.uint8)  # transposed: the right-hand side of the product, zero point 128
         residual = 0.0
         for start in range(0, n, BLOCK_ROWS):
             block = vectors[start:start + BLOCK_ROWS]
             ints = _int8_round(block, self.scale)
-            codes[:, start:start + len(block)] = ints.T
+            codes[:, start:start + len(block)] = (ints.T + 128).astype(np.uint8)
             residual = max(residual, float(np.linalg.norm(block - ints / self.scale, axis=1).max()))
         self.residual = residual
         self.max_norm = float(np.linalg.norm(vectors, axis=1).max()) if n else 0.0
         self.nbytes = codes.nbytes  # what a query scans
         self.session = _int8_top_session(codes, threads)
+        self._check_exact(codes)
         self.certified = 0  # queries answered from the candidates
         self.failed = 0  # queries the bound could not certify
         self.skipped = 0  # queries sent straight to the float32 scan
@@ -113,6 +123,23 @@ class Int8Prefilter:
         a = (q_ints + 128).astype(np.uint8)  # MatMulInteger's left side is uint8 with zero point 128
         scores, pos = self.session.run(None, {"q": a, "m": np.array([m], np.int64)})
         return scores, pos
+
+    def _check_exact(self, codes: np.ndarray, columns: int = 4096) -> None:
+        """Raise :class:`InexactProduct` unless the session's integer scores equal numpy's int64 products for
+        queries of extreme values (all +127, all -127, random +-127: what overflows a 16-bit intermediate), over the
+        top ``columns`` scores each returns."""
+        d, n = codes.shape
+        rng = np.random.default_rng(0)
+        probes = np.stack([np.full(d, 127), np.full(d, -127), 127 * rng.choice([-1, 1], d)]).astype(np.float32)
+        m = min(columns, n)
+        for rows in (probes[:1], probes):  # one query, and a batch (the kernels differ)
+            scores, pos = self.top(rows, m)
+            for q, s, p in zip(rows.astype(np.int64), scores, pos):
+                expected = q @ (codes[:, p].astype(np.int64) - 128)
+                if not np.array_equal(s.astype(np.int64), expected):
+                    bad = int(np.flatnonzero(s.astype(np.int64) != expected)[0])
+                    raise InexactProduct(f"ONNX Runtime's integer product gave {int(s[bad])} where numpy gives "
+                                         f"{int(expected[bad])} on this CPU")
 
     def worth_trying(self, queries: int = 1) -> bool:
         """Whether the next ``queries`` (one search) should try the prefilter (counts the ones that do not)."""
@@ -153,14 +180,14 @@ class Int8Prefilter:
 
 
 def _int8_top_session(codes: np.ndarray, threads: int):
-    """An ONNX Runtime session: uint8 queries [N, D] (zero point 128) and m -> each query's m largest integer dot
-    products with ``codes`` [D, G] (int8) as float32 (exact: below 2^24), and their positions."""
+    """An ONNX Runtime session: uint8 queries [N, D] and m -> each query's m largest integer dot products with
+    ``codes`` [D, G] (uint8), both with zero point 128, as float32 (exact: below 2^24), and their positions."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     d, n = codes.shape
     graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["q", "codes", "zero"], ["dots"]),
+        [helper.make_node("MatMulInteger", ["q", "codes", "zero", "zero"], ["dots"]),
          helper.make_node("Cast", ["dots"], ["scores"], to=TensorProto.FLOAT),
          helper.make_node("TopK", ["scores", "m"], ["top", "pos"], axis=1)],
         "int8_top",
@@ -247,7 +274,7 @@ class RetrievalIndex:
         k = min(int(k), len(self))
         if self.kind != "flat":
             sims, pos = self.index.search(q, k)
-        elif self.use_prefilter and self.prefilter().worth_trying(len(q)):
+        elif self.use_prefilter and self.prefilter() is not None and self._prefilter.worth_trying(len(q)):
             sims, pos, ok = self._prefilter.search(self.gallery().numpy(), q, k)
             if not ok.all():
                 rest = np.flatnonzero(~ok)
@@ -284,10 +311,15 @@ class RetrievalIndex:
             self._gallery = _torch().from_numpy(_faiss().rev_swig_ptr(self.index.get_xb(), n * d).reshape(n, d))
         return self._gallery
 
-    def prefilter(self) -> Int8Prefilter:
-        """flat: the int8 copy of the gallery (built at the first call: about 1 s per 60,000 vectors here)."""
-        if self._prefilter is None:
-            self._prefilter = Int8Prefilter(self.gallery().numpy(), self.threads)
+    def prefilter(self) -> Optional[Int8Prefilter]:
+        """flat: the int8 copy of the gallery (built at the first call: about 1 s per 60,000 vectors here); None
+        where the prefilter is off, or turned itself off (see :class:`InexactProduct`)."""
+        if self._prefilter is None and self.use_prefilter:
+            try:
+                self._prefilter = Int8Prefilter(self.gallery().numpy(), self.threads)
+            except InexactProduct as e:
+                log.warning("int8 prefilter off, every query scans the float32 gallery: %s", e)
+                self.use_prefilter = False
         return self._prefilter
 
     @staticmethod

@@ -165,3 +165,25 @@ def test_the_search_bench_counts_the_queries_that_certify(small_galleries_prefil
     centre = rng.normal(size=64)
     crowded = _index((centre + 0.01 * rng.normal(size=(3000, 64))).astype(np.float32))
     assert certifiable(crowded, centre + 0.01 * rng.normal(size=(20, 64)), 10) < 0.5
+
+
+def test_an_inexact_integer_product_turns_the_prefilter_off(small_galleries_prefiltered, monkeypatch, caplog):
+    """A kernel that overflows (as ONNX Runtime's uint8 x int8 one does on x86 without VNNI: pairs of products
+    added in saturating 16-bit arithmetic) is caught when the prefilter is built; the index then scans the float32
+    gallery and its answers stay exact."""
+    real_top = Int8Prefilter.top
+
+    def saturating(self, q_ints, m):
+        scores, pos = real_top(self, q_ints, m)
+        return np.clip(scores, -20000, 20000), pos
+
+    monkeypatch.setattr(Int8Prefilter, "top", saturating)
+    rng = np.random.default_rng(4)
+    g = rng.normal(size=(3000, 64)).astype(np.float32)
+    idx = _index(g)
+    assert idx.use_prefilter
+    with caplog.at_level("WARNING", logger="serving.runtime.index"):
+        for q in rng.normal(size=(5, 64)).astype(np.float32):
+            assert_exact(*idx.search(q[None], 10), g, q[None], 10)
+    assert idx.prefilter() is None and not idx.use_prefilter
+    assert "int8 prefilter off" in caplog.text and "where numpy gives" in caplog.text
