@@ -274,8 +274,8 @@ class RetrievalIndex:
         k = min(int(k), len(self))
         if self.kind != "flat":
             sims, pos = self.index.search(q, k)
-        elif self.use_prefilter and self.prefilter() is not None and self._prefilter.worth_trying(len(q)):
-            sims, pos, ok = self._prefilter.search(self.gallery().numpy(), q, k)
+        elif (pf := self.prefilter()) is not None and pf.worth_trying(len(q)):
+            sims, pos, ok = pf.search(self.gallery().numpy(), q, k)
             if not ok.all():
                 rest = np.flatnonzero(~ok)
                 sims[rest], pos[rest] = self._float32(q[rest], k)
